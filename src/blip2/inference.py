@@ -1,0 +1,254 @@
+"""Inference helpers over PIL images or file paths: caption, answer, retrieve, extract_features.
+
+They batch internally, tokenise, call the tensor-level models, and decode. Generation defaults follow the
+official BLIP-2 evaluation: captions with 5 beams, 8–30 new tokens; VQA with 5 beams, at most 10 new
+tokens and a negative length penalty (short answers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from blip2.data.images import load_image
+from blip2.data.transforms import ImageProcessor
+
+CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
+
+
+def _as_list(items: Any) -> list[Any]:
+    return list(items) if isinstance(items, list | tuple) else [items]
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def processor_for(model: Any) -> ImageProcessor:
+    if getattr(model, "image_processor", None) is None:
+        model.image_processor = ImageProcessor.from_vision_config(model.config.vision)
+    return model.image_processor
+
+
+def pixel_values(model: Any, images: Sequence[Any]) -> torch.Tensor:
+    """Load (paths, bytes or PIL images) and preprocess. → (B, 3, H, W) on the model's device."""
+    loaded = [load_image(image) for image in images]
+    return processor_for(model)(loaded).to(model.device)
+
+
+def _tokenizer(model: Any) -> Any:
+    if model.tokenizer is None:
+        raise ValueError(
+            "this model has no tokenizer: load it with from_pretrained from a directory that holds one, "
+            "or set model.tokenizer"
+        )
+    return model.tokenizer
+
+
+def llm_prompt_ids(model: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise LLM prompts, left-padded; with image placeholders in front when the config uses them.
+
+    → (input_ids (B, L), attention_mask (B, L))
+    """
+    tok = _tokenizer(model)
+    llm = model.config.llm
+    placeholders = [llm.image_token_index] * model.config.num_query_tokens if llm.image_token_index is not None else []
+    rows = [placeholders + tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if model.is_encoder_decoder:  # T5: no BOS; the tokenizer appends EOS, as the official processor does
+        pass
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids.to(model.device), mask.to(model.device)
+
+
+def _decode(model: Any, generated: torch.Tensor, prompt_len: int) -> list[str]:
+    tok = _tokenizer(model)
+    new = generated if model.is_encoder_decoder else generated[:, prompt_len:]
+    return [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def caption(
+    model: Any, images: Any, prompt: str | None = None, batch_size: int = 8, **generation_kwargs: Any
+) -> list[str]:
+    """One caption per image (optionally continuing ``prompt``, e.g. "a photo of")."""
+    images = _as_list(images)
+    kwargs = {**CAPTION_DEFAULTS, **generation_kwargs}
+    out: list[str] = []
+    for part in _chunks(len(images), batch_size):
+        pixels = pixel_values(model, images[part])
+        if prompt:
+            ids, mask = llm_prompt_ids(model, [prompt] * pixels.shape[0])
+            generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kwargs)
+            out.extend(_decode(model, generated, ids.shape[1]))
+        else:
+            generated = model.generate(pixel_values=pixels, **kwargs)
+            prompt_len = 0 if model.is_encoder_decoder else _default_prompt_len(model)
+            out.extend(_decode(model, generated, prompt_len))
+    return out
+
+
+def _default_prompt_len(model: Any) -> int:
+    llm = model.config.llm
+    n = model.config.num_query_tokens if llm.image_token_index is not None else 0
+    return n + (1 if model.language_model.config.bos_token_id is not None else 0)
+
+
+@torch.no_grad()
+def answer(
+    model: Any,
+    images: Any,
+    questions: Any,
+    prompt_template: str = "Question: {} Answer:",
+    batch_size: int = 8,
+    **generation_kwargs: Any,
+) -> list[str]:
+    """Zero-shot VQA: one answer per question. One image with several questions is encoded once."""
+    questions = _as_list(questions)
+    images = _as_list(images)
+    for q in questions:
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError("a question is empty; every question needs some text")
+    if len(images) == 1 and len(questions) > 1:
+        images = images * len(questions)
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images and {len(questions)} questions; give one image per question")
+    kwargs = {**VQA_DEFAULTS, **generation_kwargs}
+    # encode each distinct image once (the same object or path asked several questions)
+    keys = [id(im) if not isinstance(im, str | bytes) else im for im in images]
+    unique: dict[Any, int] = {}
+    for key in keys:
+        unique.setdefault(key, len(unique))
+    distinct = [None] * len(unique)
+    for key, im in zip(keys, images, strict=True):
+        distinct[unique[key]] = im
+    prompts_all = []
+    for part in _chunks(len(distinct), batch_size):
+        prompts_all.append(model.visual_prompt(pixel_values(model, distinct[part])))
+    visual = torch.cat(prompts_all)  # (N_unique, Q, H)
+    out: list[str] = []
+    for part in _chunks(len(questions), batch_size):
+        rows = torch.tensor([unique[k] for k in keys[part]], device=visual.device)
+        prompts = [prompt_template.format(q.strip()) for q in questions[part]]
+        ids, mask = llm_prompt_ids(model, prompts)
+        generated = model.generate(input_ids=ids, attention_mask=mask, visual_prompt=visual[rows], **kwargs)
+        out.extend(_decode(model, generated, ids.shape[1]))
+    return out
+
+
+def qformer_text_ids(model: Any, texts: Sequence[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = _tokenizer(model)
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError("a text is empty; retrieval needs non-empty texts")
+    enc = tok(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+
+
+@torch.no_grad()
+def extract_features(
+    model: Any, images: Any = None, texts: Any = None, batch_size: int = 32
+) -> dict[str, torch.Tensor]:
+    """Normalised ITC features: ``image_embeds`` (N, Q, E), ``text_embeds`` (M, E); with both (N == M),
+    ``multimodal_embeds`` (N, Q, D), the query outputs of the joint image-text pass."""
+    out: dict[str, torch.Tensor] = {}
+    image_embeds = None
+    if images is not None:
+        images = _as_list(images)
+        feats, embeds = [], []
+        for part in _chunks(len(images), batch_size):
+            e = model.encode_image(pixel_values(model, images[part]))
+            embeds.append(e)
+            feats.append(model.image_embeddings(e)[0])
+        out["image_embeds"] = torch.cat(feats)
+        image_embeds = torch.cat(embeds)
+    if texts is not None:
+        texts = _as_list(texts)
+        ids, mask = qformer_text_ids(model, texts)
+        out["text_embeds"] = torch.cat(
+            [model.text_embeddings(ids[p], mask[p]) for p in _chunks(len(texts), batch_size)]
+        )
+        if image_embeds is not None:
+            if len(texts) != image_embeds.shape[0]:
+                raise ValueError("multimodal features need as many texts as images")
+            out["multimodal_embeds"] = model.multimodal_embeddings(image_embeds, ids, mask)
+    return out
+
+
+@torch.no_grad()
+def retrieve(
+    model: Any,
+    images: Any,
+    texts: Any,
+    k: int = 16,
+    batch_size: int = 32,
+    image_feats: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Image↔text retrieval: ITC shortlist of ``k`` candidates, re-ranked by ITM (as LAVIS evaluates).
+
+    Returns ``itc`` (N_img, N_txt) similarities, ``i2t`` / ``t2i`` final score matrices (candidates outside
+    the shortlist get -inf) and ``i2t_ranking`` / ``t2i_ranking`` (indices, best first, length k).
+    Precomputed ``image_feats`` (N, Q, E) and ``image_embeds`` (N, P, Dv) skip the image encoder.
+    """
+    texts = _as_list(texts)
+    if image_embeds is None:
+        images = _as_list(images)
+        embeds = [model.encode_image(pixel_values(model, images[p])) for p in _chunks(len(images), batch_size)]
+        image_embeds = torch.cat(embeds)
+    if image_feats is None:
+        image_feats = torch.cat(
+            [model.image_embeddings(image_embeds[p])[0] for p in _chunks(image_embeds.shape[0], batch_size)]
+        )
+    ids, mask = qformer_text_ids(model, texts)
+    text_feats = torch.cat([model.text_embeddings(ids[p], mask[p]) for p in _chunks(len(texts), batch_size)])
+    from blip2.losses import itc_similarities
+
+    itc = itc_similarities(image_feats, text_feats)[0]  # (N_img, N_txt)
+    n_img, n_txt = itc.shape
+    k_i2t, k_t2i = min(k, n_txt), min(k, n_img)
+    i2t = torch.full_like(itc, float("-inf"))
+    t2i = torch.full_like(itc.t(), float("-inf"))
+    top_t = itc.topk(k_i2t, dim=1).indices  # (N_img, k)
+    img_rows = torch.arange(n_img, device=itc.device)[:, None].expand(-1, k_i2t).reshape(-1)
+    scores = _itm_scores(model, image_embeds, ids, mask, img_rows, top_t.reshape(-1), batch_size)
+    i2t[img_rows, top_t.reshape(-1)] = scores + itc[img_rows, top_t.reshape(-1)]
+    top_i = itc.t().topk(k_t2i, dim=1).indices  # (N_txt, k)
+    txt_rows = torch.arange(n_txt, device=itc.device)[:, None].expand(-1, k_t2i).reshape(-1)
+    scores = _itm_scores(model, image_embeds, ids, mask, top_i.reshape(-1), txt_rows, batch_size)
+    t2i[txt_rows, top_i.reshape(-1)] = scores + itc[top_i.reshape(-1), txt_rows]
+    return {
+        "itc": itc,
+        "i2t": i2t,
+        "t2i": t2i,
+        "i2t_ranking": i2t.topk(k_i2t, dim=1).indices,
+        "t2i_ranking": t2i.topk(k_t2i, dim=1).indices,
+    }
+
+
+def _itm_scores(
+    model: Any,
+    image_embeds: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """ITM "match" logit for each (image_index[i], text_index[i]) pair, batched. → (N,)"""
+    out = []
+    for p in _chunks(image_index.shape[0], batch_size):
+        t_ids, t_mask = ids[text_index[p]], mask[text_index[p]]
+        width = int(t_mask.sum(dim=1).max())  # trim padding shared by this batch
+        logits = model.itm_logits(image_embeds[image_index[p]], t_ids[:, :width], t_mask[:, :width])
+        out.append(logits[:, 1])
+    return torch.cat(out)

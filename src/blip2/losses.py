@@ -1,0 +1,113 @@
+"""Stage-1 losses as plain functions of tensors (ITC, ITM hard negatives, ITG), and distributed gathering."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when not running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's own slice."""
+    _, size = world()
+    if size == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    _, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def itc_similarities(
+    image_feats: torch.Tensor,  # (Bi, Q, E), normalised
+    text_feats: torch.Tensor,  # (Bt, E), normalised
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text similarity = max over the queries of (query feature · text [CLS] feature).
+
+    Returns (sim_i2t (Bi, Bt), sim_t2i (Bt, Bi)); both are the same max-over-queries matrix.
+    """
+    sim_q2t = torch.einsum("iqe,te->itq", image_feats, text_feats)  # (Bi, Bt, Q)
+    sim_i2t = sim_q2t.max(dim=-1).values  # (Bi, Bt)
+    return sim_i2t, sim_i2t.t()
+
+
+def itc_loss(
+    image_feats: torch.Tensor,  # (B, Q, E) this rank's, normalised
+    text_feats: torch.Tensor,  # (B, E) this rank's, normalised
+    temp: torch.Tensor,  # scalar
+    label_smoothing: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric contrastive loss over the global batch (features gathered from all ranks with gradient).
+
+    Returns (loss, sim_i2t (B, B_global), sim_t2i (B, B_global)), the similarities already divided by
+    the temperature (ITM samples its hard negatives from them).
+    """
+    rank, _ = world()
+    b = image_feats.shape[0]
+    image_all = all_gather_with_grad(image_feats)  # (Bg, Q, E)
+    text_all = all_gather_with_grad(text_feats)  # (Bg, E)
+    sim_i2t = itc_similarities(image_feats, text_all)[0] / temp  # (B, Bg)
+    sim_t2i = itc_similarities(image_all, text_feats)[1] / temp  # (B, Bg)
+    targets = torch.arange(rank * b, rank * b + b, device=image_feats.device)
+    loss = (
+        F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)
+    ) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim: torch.Tensor,  # (B, Bg): row b scores candidates; the positive of row b is column offset + b
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One negative index per row, drawn in proportion to softmax(sim) with the positive excluded. → (B,)"""
+    b, n = sim.shape
+    if n < 2:
+        raise ValueError("hard-negative mining needs at least 2 candidates in the (global) batch")
+    weights = torch.softmax(sim.float(), dim=1)
+    rows = torch.arange(b, device=sim.device)
+    weights[rows, offset + rows] = 0.0
+    weights = torch.nan_to_num(weights, nan=0.0)
+    # a row whose every negative underflowed to 0 falls back to uniform over the negatives
+    empty = weights.sum(dim=1) <= 0
+    if bool(empty.any()):
+        weights[empty] = 1.0
+        weights[empty.nonzero().squeeze(1), offset + rows[empty]] = 0.0
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_loss(itm_logits: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Binary matching loss; logits (3B, 2) ordered [positives | neg image, text | image, neg text]."""
+    labels = torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]).to(
+        itm_logits.device
+    )
+    return F.cross_entropy(itm_logits, labels)
+
+
+def lm_loss(
+    logits: torch.Tensor,  # (B, T, V): position t predicts labels[:, t + 1]
+    labels: torch.Tensor,  # (B, T), -100 ignored
+    label_smoothing: float = 0.1,
+) -> torch.Tensor:
+    """Shifted next-token cross-entropy (ITG uses label smoothing 0.1, as the reference does)."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shifted.float(), targets, ignore_index=-100, label_smoothing=label_smoothing)

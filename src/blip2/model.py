@@ -1,0 +1,445 @@
+"""The two BLIP-2 models: tensors in, tensors out (no tokenisation or file I/O inside forward).
+
+- `Blip2QFormer`: stage 1 (ITC + ITM + ITG on a frozen image encoder), retrieval and feature extraction.
+- `Blip2`: stage 2 and inference (Q-Former + projection + frozen LLM), captioning and zero-shot VQA.
+
+Both share the image side (`_ImageQueryModel`): frozen encoder → ``ln_vision`` → Q-Former queries.
+Attribute names follow transformers' port (``vision_model``, ``query_tokens``, ``qformer``,
+``language_projection``, ``language_model``) so checkpoint maps stay short.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip2 import losses
+from blip2.config import Blip2Config
+from blip2.layers import KVCache
+from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
+from blip2.qformer import QFormer, bidirectional_mask, multimodal_causal_mask
+from blip2.vision import build_vision_encoder
+
+
+@dataclass
+class Blip2Output:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT initialisation for newly created Q-Former parts (normal(0, 0.02), zero bias, unit LayerNorm)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class _ImageQueryModel(nn.Module):
+    """Frozen image encoder + ln_vision + learned queries + Q-Former (the part both stages share)."""
+
+    def __init__(self, config: Blip2Config, pretrained_vision: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        vcfg = config.vision
+        if config.qformer.encoder_hidden_size != vcfg.hidden_size:
+            raise ValueError(
+                f"Q-Former cross-attends to {config.qformer.encoder_hidden_size}-d features but the image "
+                f"encoder gives {vcfg.hidden_size}-d ones"
+            )
+        self.vision_model = build_vision_encoder(vcfg, pretrained=pretrained_vision)
+        eps = float(vcfg.hf_config.get("layer_norm_eps", 1e-5)) if vcfg.kind == "blip2" else 1e-5
+        self.ln_vision = nn.LayerNorm(vcfg.hidden_size, eps=eps)
+        q = config.qformer
+        self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_tokens, q.hidden_size))
+        self.qformer = QFormer(q)
+        _init_weights(self.qformer)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        self.tokenizer: Any = None  # set by from_pretrained / the caller; used by the inference helpers
+        self.image_processor: Any = None
+
+    def train(self, mode: bool = True) -> _ImageQueryModel:
+        super().train(mode)
+        self.vision_model.eval()  # frozen: always in eval mode
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's features (B, P, Dv), before ln_vision: what the feature cache stores."""
+        with torch.no_grad():
+            dtype = next(self.vision_model.parameters()).dtype
+            return self.vision_model(pixel_values.to(self.device, dtype))
+
+    def encode_image(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image embeddings the queries cross-attend to: ln_vision(frozen features).  → (B, P, Dv)"""
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or precomputed image_features")
+            image_features = self.image_features(pixel_values)
+        return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
+
+    def query_output(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """The queries after reading the image: (B, Q, D), plus their self-attention keys/values."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=queries, image_embeds=image_embeds)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.qformer.gradient_checkpointing = True
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # Loading and saving live in blip2.checkpoints; these are the entry points.
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> Any:
+        from blip2.checkpoints import load_model
+
+        return load_model(cls, path_or_id, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from blip2.checkpoints import save_model
+
+        save_model(self, directory)
+
+
+class Blip2QFormer(_ImageQueryModel):
+    """Stage 1: the Q-Former trained on a frozen image encoder with ITC, ITM and ITG; retrieval."""
+
+    def __init__(self, config: Blip2Config, pretrained_vision: bool = False) -> None:
+        if not config.qformer.use_text:
+            raise ValueError("Blip2QFormer needs a Q-Former with its text side (QFormerConfig.use_text=True)")
+        super().__init__(config, pretrained_vision=pretrained_vision)
+        q = config.qformer
+        self.vision_projection = nn.Linear(q.hidden_size, q.embed_dim)
+        self.text_projection = nn.Linear(q.hidden_size, q.embed_dim)
+        self.itm_head = nn.Linear(q.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        _init_weights(self.vision_projection)
+        _init_weights(self.text_projection)
+        _init_weights(self.itm_head)
+
+    # ---------------------------------------------------------------- features
+    def image_embeddings(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        """(normalised ITC features (B, Q, E), query output (B, Q, D), query keys/values)."""
+        query_output, past = self.query_output(image_embeds)
+        feats = F.normalize(self.vision_projection(query_output), dim=-1)
+        return feats, query_output, past
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC text features from the [CLS] output of a text-only pass. → (B, E)"""
+        t = input_ids.shape[1]
+        allowed = attention_mask.bool()[:, None, :].expand(-1, t, -1)
+        hidden, _ = self.qformer(input_ids=input_ids, allowed=allowed)
+        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+
+    def multimodal_embeddings(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Query outputs of a joint pass with the text (bi-directional mask). → (B, Q, D)"""
+        q = self.query_tokens.shape[1]
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        hidden, _ = self.qformer(
+            query_embeds=queries,
+            input_ids=input_ids,
+            allowed=bidirectional_mask(q, attention_mask),
+            image_embeds=image_embeds,
+        )
+        return hidden[:, :q]
+
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM head on each query output of the joint pass, averaged over queries. → (B, 2)"""
+        return self.itm_head(self.multimodal_embeddings(image_embeds, input_ids, attention_mask)).mean(dim=1)
+
+    # ---------------------------------------------------------------- inference entry points
+    @torch.no_grad()
+    def forward_itc(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image-text similarity (max over queries, no temperature). → (B_img, B_txt)"""
+        assert input_ids is not None
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        feats, _, _ = self.image_embeddings(self.encode_image(pixel_values, image_features))
+        return losses.itc_similarities(feats, self.text_embeddings(input_ids, attention_mask))[0]
+
+    @torch.no_grad()
+    def forward_itm(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image-text matching logits for aligned (image, text) pairs. → (B, 2)"""
+        assert input_ids is not None
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.itm_logits(self.encode_image(pixel_values, image_features), input_ids, attention_mask)
+
+    def retrieve(self, images: Any, texts: Any, k: int = 16, **kwargs: Any) -> dict[str, Any]:
+        """ITC shortlist of k candidates, ITM re-rank; see `blip2.inference.retrieve`."""
+        from blip2.inference import retrieve
+
+        return retrieve(self, images, texts, k=k, **kwargs)
+
+    def extract_features(self, images: Any = None, texts: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Image, text and multimodal embeddings; see `blip2.inference.extract_features`."""
+        from blip2.inference import extract_features
+
+        return extract_features(self, images=images, texts=texts, **kwargs)
+
+    # ---------------------------------------------------------------- stage-1 training
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T), starting with [CLS]
+        attention_mask: torch.Tensor,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (B, 3, H, W)
+        image_features: torch.Tensor | None = None,  # (B, P, Dv) from the feature cache
+        generator: torch.Generator | None = None,
+        **_: Any,
+    ) -> Blip2Output:
+        """All three stage-1 losses on one batch: ITC + ITM + ITG."""
+        image_embeds = self.encode_image(pixel_values, image_features)  # (B, P, Dv)
+        b = image_embeds.shape[0]
+        q = self.query_tokens.shape[1]
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        # ITC: queries alone and text alone (the uni-modal mask, as two passes)
+        image_feats, _, query_past = self.image_embeddings(image_embeds)  # (B, Q, E)
+        text_feats = self.text_embeddings(input_ids, attention_mask)  # (B, E)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp)
+
+        # ITM: one hard negative text per image and one hard negative image per text
+        rank, _ = losses.world()
+        image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (Bg, P, Dv)
+        ids_all = losses.all_gather_no_grad(input_ids)
+        mask_all = losses.all_gather_no_grad(attention_mask)
+        neg_image = losses.sample_hard_negatives(sim_t2i.detach(), offset=rank * b, generator=generator)
+        neg_text = losses.sample_hard_negatives(sim_i2t.detach(), offset=rank * b, generator=generator)
+        itm_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])  # (3B, P, Dv)
+        itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_text]])  # (3B, T)
+        itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_text]])
+        loss_itm = losses.itm_loss(self.itm_logits(itm_images, itm_ids, itm_mask), b)
+
+        # ITG: [DEC] replaces [CLS]; text attends to the queries' keys/values and to earlier text
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.config.qformer.bos_token_id
+        labels = dec_ids.masked_fill(attention_mask == 0, -100)
+        allowed = multimodal_causal_mask(q, attention_mask)[:, q:]  # (B, T, Q+T): the text rows
+        text_hidden, _ = self.qformer(input_ids=dec_ids, allowed=allowed, past=query_past)
+        loss_lm = losses.lm_loss(self.qformer.lm_logits(text_hidden), labels, label_smoothing=0.1)
+
+        loss = loss_itc + loss_itm + loss_lm
+        return Blip2Output(loss=loss, losses={"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm})
+
+    # ---------------------------------------------------------------- ITG captioning
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 0,
+        num_beams: int = 1,
+    ) -> torch.Tensor:
+        """Image-grounded text generation with the Q-Former's LM head (greedy or beam search, KV cache).
+
+        Returns token ids (B, L) starting with [DEC]; stops at [SEP].
+        """
+        from blip2.generation import beam_search
+
+        image_embeds = self.encode_image(pixel_values, image_features)
+        _, query_past = self.query_output(image_embeds)
+        b = image_embeds.shape[0]
+        q = self.query_tokens.shape[1]
+        cfg = self.config.qformer
+
+        def step(tokens: torch.Tensor, past: Any, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            # tokens (N, t) new tokens; past: (cache, text_len); rows: which image each hypothesis belongs to
+            cache, text_len = past
+            if cache is None:
+                cache = [(k[rows], v[rows]) for k, v in query_past]
+            n, t = tokens.shape
+            allowed = torch.ones(n, t, q + text_len + t, dtype=torch.bool, device=tokens.device)
+            allowed[:, :, q + text_len :] = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+            hidden, cache = self.qformer(input_ids=tokens, allowed=allowed, past=cache, text_position_offset=text_len)
+            logits = self.qformer.lm_logits(hidden[:, -1])  # (N, V)
+            return logits, (cache, text_len + t)
+
+        start = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=self.device)
+        return beam_search(
+            step,
+            start,
+            init_past=(None, 0),
+            reorder=lambda past, idx: ([(k[idx], v[idx]) for k, v in past[0]], past[1]),
+            eos_token_id=cfg.sep_token_id,
+            pad_token_id=cfg.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+        )
+
+
+class Blip2(_ImageQueryModel):
+    """Stage 2 and inference: queries → Linear → soft visual prompt of a frozen LLM."""
+
+    def __init__(self, config: Blip2Config, pretrained_vision: bool = False, pretrained_llm: bool = False) -> None:
+        if config.llm is None:
+            raise ValueError("Blip2 needs an LLM config (Blip2Config.llm); use Blip2QFormer for stage 1")
+        super().__init__(config, pretrained_vision=pretrained_vision)
+        self.language_model = build_language_model(config.llm, pretrained=pretrained_llm)
+        llm_width = self.language_model.get_input_embeddings().weight.shape[1]
+        self.language_projection = nn.Linear(config.qformer.hidden_size, llm_width)
+        _init_weights(self.language_projection)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.language_model.config.is_encoder_decoder)
+
+    def train(self, mode: bool = True) -> Blip2:
+        super().train(mode)
+        self.language_model.eval()  # frozen: no dropout
+        return self
+
+    def visual_prompt(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected query outputs in the LLM's embedding space. → (B, Q, H)"""
+        query_output, _ = self.query_output(self.encode_image(pixel_values, image_features))
+        return self.language_projection(query_output)
+
+    def _llm_inputs(
+        self, visual_prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, H)
+        return splice_visual_prompt(embeds, input_ids, attention_mask, visual_prompt, self.config.llm.image_token_index)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L) prompt/text (decoder-only) or encoder prefix (encoder-decoder)
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,  # decoder-only: aligned with input_ids; enc-dec: decoder targets
+        image_features: torch.Tensor | None = None,
+        full_logits: bool = False,
+        **_: Any,
+    ) -> Blip2Output:
+        """Logits (and the loss when ``labels`` are given).
+
+        Decoder-only: ``logits`` cover the positions of ``input_ids`` (placeholders included, as
+        transformers returns them). With ``labels`` the loss is computed from logits at target positions
+        only and ``logits`` is None, unless ``full_logits`` (the naive path) is asked for.
+        Encoder-decoder: prefix-LM; ``labels`` are the decoder targets (the suffix text).
+        """
+        prompt = self.visual_prompt(pixel_values, image_features)
+        embeds, mask, offset = self._llm_inputs(prompt, input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+            )
+            return Blip2Output(
+                loss=out.loss, logits=out.logits, losses={"loss_lm": out.loss} if labels is not None else {}
+            )
+        if labels is None:
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+            return Blip2Output(logits=logits[:, offset:])
+        if offset:
+            labels = torch.cat([labels.new_full((labels.shape[0], offset), -100), labels], dim=1)
+        loss, logits = decoder_lm_loss(self.language_model, embeds, mask, labels, full_logits=full_logits)
+        if logits is not None:
+            logits = logits[:, offset:]
+        return Blip2Output(loss=loss, logits=logits, losses={"loss_lm": loss})
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        visual_prompt: torch.Tensor | None = None,
+        **generation_kwargs: Any,
+    ) -> torch.Tensor:
+        """Token ids from the LLM conditioned on the image (and the prompt ``input_ids``).
+
+        As transformers does: decoder-only models return the prompt ``input_ids`` followed by the new
+        tokens; encoder-decoder models return the decoder's tokens. Without ``input_ids`` the prompt is
+        the visual prompt followed by BOS (decoder-only) or the visual prompt alone (encoder-decoder).
+        ``visual_prompt`` (B, Q, H) may be given instead of the image, when it was computed once and reused.
+        """
+        prompt = visual_prompt if visual_prompt is not None else self.visual_prompt(pixel_values, image_features)
+        b, q, _ = prompt.shape
+        llm_cfg = self.config.llm
+        assert llm_cfg is not None
+        if input_ids is None:
+            start: list[int] = []
+            if llm_cfg.image_token_index is not None:
+                start = [llm_cfg.image_token_index] * q
+            bos = self.language_model.config.bos_token_id
+            if not self.is_encoder_decoder and bos is not None:
+                start.append(bos)
+            if not start:  # encoder-decoder with prepending and no prompt: the encoder sees the queries only
+                embeds = prompt.to(self.language_model.get_input_embeddings().weight.dtype)
+                mask = torch.ones(b, q, dtype=torch.long, device=prompt.device)
+                return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+            input_ids = torch.tensor([start], dtype=torch.long, device=prompt.device).repeat(b, 1)
+        embeds, mask, offset = self._llm_inputs(prompt, input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+        if offset:  # prepended: transformers cannot align input_ids with the longer embeddings
+            new = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+            return torch.cat([input_ids, new], dim=1)
+        return self.language_model.generate(
+            input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **generation_kwargs
+        )
+
+    # ---------------------------------------------------------------- convenience (PIL images or paths)
+    def caption(
+        self, images: Any, prompt: str | None = None, batch_size: int = 8, **generation_kwargs: Any
+    ) -> list[str]:
+        from blip2.inference import caption
+
+        return caption(self, images, prompt=prompt, batch_size=batch_size, **generation_kwargs)
+
+    def answer(
+        self,
+        images: Any,
+        questions: Any,
+        prompt_template: str = "Question: {} Answer:",
+        batch_size: int = 8,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        from blip2.inference import answer
+
+        return answer(
+            self, images, questions, prompt_template=prompt_template, batch_size=batch_size, **generation_kwargs
+        )
