@@ -100,7 +100,7 @@ def caption(
 def _default_prompt_len(model: Any) -> int:
     llm = model.config.llm
     n = model.config.num_query_tokens if llm.image_token_index is not None else 0
-    return n + (1 if model.language_model.config.bos_token_id is not None else 0)
+    return n + (1 if getattr(model.language_model.config, "bos_token_id", None) is not None else 0)
 
 
 @torch.no_grad()

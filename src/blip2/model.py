@@ -404,7 +404,7 @@ class Blip2(_ImageQueryModel):
             start: list[int] = []
             if llm_cfg.image_token_index is not None:
                 start = [llm_cfg.image_token_index] * q
-            bos = self.language_model.config.bos_token_id
+            bos = getattr(self.language_model.config, "bos_token_id", None)
             if not self.is_encoder_decoder and bos is not None:
                 start.append(bos)
             if not start:  # encoder-decoder with prepending and no prompt: the encoder sees the queries only
