@@ -163,7 +163,9 @@ def test_own_format_round_trip(tmp_path: Path, pixels: torch.Tensor) -> None:
     loaded = Blip2.from_pretrained(tmp_path).eval()
     ids = torch.randint(3, 90, (2, 5))
     with torch.no_grad():
-        assert torch.equal(model(pixel_values=pixels, input_ids=ids).logits, loaded(pixel_values=pixels, input_ids=ids).logits)
+        assert torch.equal(
+            model(pixel_values=pixels, input_ids=ids).logits, loaded(pixel_values=pixels, input_ids=ids).logits
+        )
 
 
 def test_unknown_preset_names_the_choices() -> None:

@@ -1,0 +1,208 @@
+"""Stage-1 units: the three masks, gradient isolation, ITC max-over-queries, hard negatives, ITG."""
+
+from __future__ import annotations
+
+import torch
+
+from blip2 import losses
+from blip2.config import tiny_config
+from blip2.model import Blip2QFormer
+from blip2.qformer import bidirectional_mask, multimodal_causal_mask, unimodal_mask
+
+Q = 2
+TEXT_MASK = torch.tensor([[1, 1, 1, 0]])  # three real tokens, one pad
+
+
+def test_unimodal_mask_pattern() -> None:
+    m = unimodal_mask(Q, TEXT_MASK)[0].int()
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1, 0],
+        ]
+    )
+    assert torch.equal(m, expected)
+
+
+def test_bidirectional_mask_pattern() -> None:
+    m = bidirectional_mask(Q, TEXT_MASK)[0].int()
+    assert torch.equal(m, torch.tensor([[1, 1, 1, 1, 1, 0]] * 6))
+
+
+def test_multimodal_causal_mask_pattern() -> None:
+    m = multimodal_causal_mask(Q, TEXT_MASK)[0].int()
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 0],
+        ]
+    )
+    assert torch.equal(m, expected)
+
+
+def _model() -> Blip2QFormer:
+    torch.manual_seed(0)
+    return Blip2QFormer(tiny_config(None, num_query_tokens=Q)).eval()
+
+
+def _grad_of_text_wrt_queries(mask_fn) -> torch.Tensor:  # noqa: ANN001
+    """Gradient of text outputs w.r.t. the query embeddings, and of query outputs w.r.t. text embeddings."""
+    model = _model()
+    image = torch.randn(1, 17, 32)
+    queries = model.query_tokens.detach().clone().requires_grad_(True)
+    ids = torch.tensor([[1, 5, 6, 0]])
+    hidden, _ = model.qformer(query_embeds=queries, input_ids=ids, allowed=mask_fn(Q, TEXT_MASK), image_embeds=image)
+    # a random readout: a plain sum of LayerNorm outputs has zero gradient by construction
+    text_out = (hidden[:, Q:3] * torch.randn(hidden[:, Q:3].shape, generator=torch.Generator().manual_seed(0))).sum()
+    (g_text,) = torch.autograd.grad(text_out, queries)
+    return g_text
+
+
+def test_unimodal_mask_blocks_gradient_between_modalities() -> None:
+    assert _grad_of_text_wrt_queries(unimodal_mask).abs().max() == 0
+    assert _grad_of_text_wrt_queries(bidirectional_mask).abs().max() > 0
+    assert _grad_of_text_wrt_queries(multimodal_causal_mask).abs().max() > 0
+
+
+def test_causal_mask_blocks_future_text_and_queries_reading_text() -> None:
+    model = _model()
+    image = torch.randn(1, 17, 32)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    emb = model.qformer.embeddings
+    captured = {}
+
+    def hook(_m, _i, out):  # noqa: ANN001
+        out.retain_grad()
+        captured["emb"] = out
+        return out
+
+    handle = emb.register_forward_hook(hook)
+    hidden, _ = model.qformer(
+        query_embeds=model.query_tokens,
+        input_ids=ids,
+        allowed=multimodal_causal_mask(Q, torch.ones(1, 4, dtype=torch.long)),
+        image_embeds=image,
+    )
+    handle.remove()
+    # text position 1 must not depend on text positions 2, 3; queries must not depend on any text
+    readout = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
+    ((hidden[:, Q + 1] * readout[:, Q + 1]).sum() + (hidden[:, :Q] * readout[:, :Q]).sum()).backward()
+    g = captured["emb"].grad[0]  # (T, D)
+    assert g[2:].abs().max() == 0
+    assert g[:2].abs().max() > 0
+
+
+def test_itc_max_over_queries_matches_direct_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(3, 5, 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    sim_i2t, sim_t2i = losses.itc_similarities(image, text)
+    direct = torch.empty(3, 4)
+    for i in range(3):
+        for t in range(4):
+            direct[i, t] = max(float(image[i, q] @ text[t]) for q in range(5))
+    torch.testing.assert_close(sim_i2t, direct)
+    torch.testing.assert_close(sim_t2i, direct.t())
+
+
+def test_itc_loss_is_symmetric_cross_entropy_with_smoothing() -> None:
+    g = torch.Generator().manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    temp = torch.tensor(0.07)
+    loss, sim_i2t, _ = losses.itc_loss(image, text, temp)
+    sim = losses.itc_similarities(image, text)[0] / temp
+    targets = torch.arange(4)
+    expected = (
+        torch.nn.functional.cross_entropy(sim, targets, label_smoothing=0.1)
+        + torch.nn.functional.cross_entropy(sim.t(), targets, label_smoothing=0.1)
+    ) / 2
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(sim_i2t, sim)
+
+
+def test_hard_negatives_never_return_the_positive() -> None:
+    g = torch.Generator().manual_seed(0)
+    for offset in (0, 4):
+        sim = torch.randn(4, 12, generator=g) * 5
+        sim[torch.arange(4), offset + torch.arange(4)] = 100.0  # positives dominate the softmax
+        for _ in range(200):
+            neg = losses.sample_hard_negatives(sim, offset=offset, generator=g)
+            assert not bool((neg == offset + torch.arange(4)).any())
+
+
+def test_hard_negatives_follow_similarity() -> None:
+    g = torch.Generator().manual_seed(0)
+    sim = torch.tensor([[0.0, 5.0, 0.0, 0.0]])  # row 0: positive 0, candidate 1 is by far the hardest
+    picks = torch.stack([losses.sample_hard_negatives(sim, generator=g) for _ in range(300)])
+    assert (picks == 1).float().mean() > 0.9
+
+
+def test_hard_negatives_when_softmax_underflows() -> None:
+    sim = torch.tensor([[1e4, -1e4, -1e4], [-1e4, 1e4, -1e4]])
+    neg = losses.sample_hard_negatives(sim)
+    assert neg[0] != 0 and neg[1] != 1
+
+
+def test_stage1_forward_gives_three_losses_and_gradients() -> None:
+    model = _model().train()
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
+    mask = (ids != 0).long()
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert set(out.losses) == {"loss_itc", "loss_itm", "loss_lm"}
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.query_tokens.grad is not None and model.itm_head.weight.grad is not None
+    assert all(p.grad is None for p in model.vision_model.parameters())  # frozen
+
+
+def test_itg_with_cached_queries_equals_joint_pass() -> None:
+    """ITG reuses the queries' keys/values: identical to one pass with the multimodal causal mask."""
+    model = _model()
+    image = torch.randn(2, 17, 32)
+    ids = torch.tensor([[99, 5, 6, 2], [99, 7, 2, 0]])
+    mask = (ids != 0).long()
+    _, _, past = model.image_embeddings(image)
+    cached, _ = model.qformer(input_ids=ids, allowed=multimodal_causal_mask(Q, mask)[:, Q:], past=past)
+    joint, _ = model.qformer(
+        query_embeds=model.query_tokens.expand(2, -1, -1),
+        input_ids=ids,
+        allowed=multimodal_causal_mask(Q, mask),
+        image_embeds=image,
+    )
+    torch.testing.assert_close(cached, joint[:, Q:], atol=1e-5, rtol=0)
+
+
+def test_itg_generation_greedy_matches_stepwise_argmax() -> None:
+    model = _model()
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = model.generate(pixel_values=pixels, max_new_tokens=5, num_beams=1)
+    assert tokens.shape[0] == 2 and bool((tokens[:, 0] == 99).all())
+    # recompute without the cache: each next token is the argmax of a full joint pass
+    image = model.encode_image(pixels)
+    for row in range(2):
+        seq = tokens[row : row + 1, :1]
+        for step in range(1, tokens.shape[1]):
+            if int(seq[0, -1]) == model.config.qformer.sep_token_id:
+                break
+            mask = torch.ones_like(seq)
+            hidden, _ = model.qformer(
+                query_embeds=model.query_tokens,
+                input_ids=seq,
+                allowed=multimodal_causal_mask(Q, mask),
+                image_embeds=image[row : row + 1],
+            )
+            nxt = model.qformer.lm_logits(hidden[:, -1]).argmax(-1)
+            assert int(nxt) == int(tokens[row, step])
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    beams = model.generate(pixel_values=pixels, max_new_tokens=5, num_beams=3)
+    assert beams.shape[0] == 2
