@@ -19,7 +19,7 @@ killed conversion never leaves a directory that looks complete; leftovers of kil
 the next one. The assembled GGUF (253 MB) is deleted after conversion: the installed package rebuilds it in
 about a second, so keeping it would only cost disk.
 
-Gemma tokenizer notes: ids pad=0, eos=1, bos=2, ``"\n"``=107; it prepends ``<bos>``, appends no ``<eos>``, and
+Gemma tokenizer notes: ids pad=0, eos=1, bos=2, ``"\\n"``=107; it prepends ``<bos>``, appends no ``<eos>``, and
 pads on the **left** (``padding_side="left"``, what batched generation wants); code that builds LM-loss
 targets and wants right padding should set ``tokenizer.padding_side`` explicitly rather than rely on the
 default. The lm_head is tied to the input embeddings.
