@@ -558,3 +558,56 @@ def _dedupe_shared(state: StateDict) -> StateDict:
         seen[ptr] = k
         out[k] = v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
     return out
+
+
+def load_any(path_or_id: str | os.PathLike[str], config: Blip2Config | None = None, **kwargs: Any) -> Any:
+    """`Blip2` when the checkpoint has a language model, `Blip2QFormer` otherwise."""
+    from blip2.model import Blip2, Blip2QFormer
+
+    path = resolve(path_or_id)
+    has_llm: bool
+    if config is not None:
+        has_llm = config.llm is not None
+    elif path.is_dir() and (path / CONFIG_NAME).exists():
+        try:
+            raw = json.loads((path / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"'{path / CONFIG_NAME}' is not valid JSON ({exc})") from exc
+        if raw.get("format") == "blip2":
+            has_llm = bool(raw.get("llm"))
+        else:
+            has_llm = "Blip2ForImageTextRetrieval" not in (raw.get("architectures") or []) and bool(
+                raw.get("text_config")
+            )
+    elif path.is_dir():
+        raise CheckpointError(f"'{path_or_id}' is not a checkpoint directory: it has no {CONFIG_NAME}")
+    else:
+        raise CheckpointError(f"'{path_or_id}' is a bare weights file: pass a config (a preset name)")
+    return (Blip2 if has_llm else Blip2QFormer).from_pretrained(path, config=config, **kwargs)
+
+
+def convert(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    to: str = "blip2",
+    preset: str | None = None,
+    llm_prefix: str = "opt",
+) -> Path:
+    """Convert a checkpoint: any loadable source → this project's directory format (``to="blip2"``), or →
+    a LAVIS ``.pth`` file (``{"model": state_dict}`` with LAVIS names, ``to="lavis"``)."""
+    from blip2.config import from_name
+
+    config = from_name(preset) if preset else None
+    model = load_any(source, config=config)
+    out = Path(destination)
+    if to == "blip2":
+        model.save_pretrained(out)
+        return out
+    if to == "lavis":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        state = ours_to_lavis({k: v.detach().cpu() for k, v in model.state_dict().items()}, llm_prefix=llm_prefix)
+        tmp = out.with_name(out.name + ".tmp")
+        torch.save({"model": state}, tmp)
+        os.replace(tmp, out)
+        return out
+    raise ValueError(f"unknown target format {to!r}; expected 'blip2' or 'lavis'")

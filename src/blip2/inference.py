@@ -19,6 +19,13 @@ CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_n
 VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 
 
+def _generation_kwargs(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {**defaults, **given}
+    if "min_new_tokens" in kwargs and "max_new_tokens" in kwargs:  # a short max lowers the default min
+        kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
+    return kwargs
+
+
 def _as_list(items: Any) -> list[Any]:
     return list(items) if isinstance(items, list | tuple) else [items]
 
@@ -82,7 +89,7 @@ def caption(
 ) -> list[str]:
     """One caption per image (optionally continuing ``prompt``, e.g. "a photo of")."""
     images = _as_list(images)
-    kwargs = {**CAPTION_DEFAULTS, **generation_kwargs}
+    kwargs = _generation_kwargs(CAPTION_DEFAULTS, generation_kwargs)
     out: list[str] = []
     for part in _chunks(len(images), batch_size):
         pixels = pixel_values(model, images[part])
@@ -122,7 +129,7 @@ def answer(
         images = images * len(questions)
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images and {len(questions)} questions; give one image per question")
-    kwargs = {**VQA_DEFAULTS, **generation_kwargs}
+    kwargs = _generation_kwargs(VQA_DEFAULTS, generation_kwargs)
     # encode each distinct image once (the same object or path asked several questions)
     keys = [id(im) if not isinstance(im, str | bytes) else im for im in images]
     unique: dict[Any, int] = {}

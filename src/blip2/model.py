@@ -197,6 +197,24 @@ class Blip2QFormer(_ImageQueryModel):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.itm_logits(self.encode_image(pixel_values, image_features), input_ids, attention_mask)
 
+    def caption(
+        self, images: Any, batch_size: int = 8, prompt: str | None = None, **generation_kwargs: Any
+    ) -> list[str]:
+        """Captions from the Q-Former's own text decoder (ITG). ``prompt`` is not supported here."""
+        from blip2.inference import pixel_values
+
+        if prompt:
+            raise ValueError("a stage-1 model captions without a prompt (its decoder starts from [DEC])")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; set model.tokenizer or load it from a directory")
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        kwargs = {"num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 3} | generation_kwargs
+        out: list[str] = []
+        for start in range(0, len(images), batch_size):
+            tokens = self.generate(pixel_values=pixel_values(self, images[start : start + batch_size]), **kwargs)
+            out.extend(t.strip() for t in self.tokenizer.batch_decode(tokens[:, 1:], skip_special_tokens=True))
+        return out
+
     def retrieve(self, images: Any, texts: Any, k: int = 16, **kwargs: Any) -> dict[str, Any]:
         """ITC shortlist of k candidates, ITM re-rank; see `blip2.inference.retrieve`."""
         from blip2.inference import retrieve

@@ -1,0 +1,170 @@
+"""The ``blip2`` command: a thin layer over the library's functions.
+
+    blip2 caption IMG... [--model M] [--prompt P] [--json]
+    blip2 ask IMG QUESTION... [--model M] [--json]
+    blip2 convert SRC DST [--to lavis|blip2] [--config PRESET]
+    blip2 train --config configs/x.yaml [key=value ...]
+    blip2 demo [--output DIR]
+    blip2 eval --model M ...
+    blip2 serve --model M [--host H] [--port P]
+
+Errors in the input (a bad image, an unknown model, a mismatched checkpoint) print one line naming the
+problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = os.environ.get("BLIP2_MODEL", "blip2-demo/model")
+
+
+def _load(model: str, device: str = "cpu") -> Any:
+    from blip2.checkpoints import load_any
+
+    return load_any(model, map_location=device).eval()
+
+
+def _print(result: Any, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(lines))
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    model = _load(args.model, args.device)
+    kwargs: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    captions = model.caption(args.images, prompt=args.prompt, **kwargs)
+    result = [{"image": str(i), "caption": c} for i, c in zip(args.images, captions, strict=True)]
+    _print(result, args.json, [f"{r['image']}: {r['caption']}" for r in result])
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    model = _load(args.model, args.device)
+    if not hasattr(model, "answer"):
+        raise ValueError(f"'{args.model}' is a stage-1 (Q-Former only) model: it has no LLM to answer questions")
+    answers = model.answer([args.image] * len(args.questions), args.questions, prompt_template=args.template)
+    result = [{"image": args.image, "question": q, "answer": a} for q, a in zip(args.questions, answers, strict=True)]
+    _print(result, args.json, [f"{r['question']} -> {r['answer']}" for r in result])
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from blip2.checkpoints import convert
+
+    out = convert(args.source, args.destination, to=args.to, preset=args.config, llm_prefix=args.llm_prefix)
+    _print({"written": str(out)}, args.json, [f"wrote {out}"])
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from blip2.recipes import train_from_config
+
+    metrics = train_from_config(args.config, args.overrides)
+    _print(metrics, args.json, [f"{k}: {v}" for k, v in metrics.items()])
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from blip2.demo import run_demo
+
+    metrics = run_demo(Path(args.output), quick=args.quick)
+    _print(metrics, args.json, [f"demo written to {args.output}"])
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from blip2.evaluate import main as eval_main
+
+    eval_main(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from blip2.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2: captioning, VQA, retrieval, pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        if model:
+            p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory, LAVIS file or hub id")
+            p.add_argument("--device", default="cpu")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("caption", help="caption images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
+    p.add_argument("--num-beams", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    common(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("ask", help="answer questions about an image (zero-shot VQA)")
+    p.add_argument("image")
+    p.add_argument("questions", nargs="+")
+    p.add_argument("--template", default="Question: {} Answer:")
+    common(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (LAVIS <-> this project's format)")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.add_argument("--to", choices=["blip2", "lavis"], default="blip2")
+    p.add_argument("--config", default=None, help="preset name for LAVIS files, which carry no config")
+    p.add_argument("--llm-prefix", choices=["opt", "t5"], default="opt")
+    common(p, model=False)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="pretrain (stage 1 or 2) from a YAML recipe")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.preset=tiny")
+    common(p, model=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="pretrain a small BLIP-2 offline on synthetic scenes, evaluate, report")
+    p.add_argument("--output", default="blip2-demo")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute (for tests)")
+    common(p, model=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="evaluate retrieval, captions and VQA")
+    common(p)
+    p.add_argument("--scenes", default=None, help="a scenes split directory (written by blip2 demo)")
+    p.add_argument("--coco-captions", default=None, help="COCO-format caption annotations JSON")
+    p.add_argument("--vqa-questions", default=None)
+    p.add_argument("--vqa-annotations", default=None)
+    p.add_argument("--images", default=None, help="image folder for COCO/VQA files")
+    p.add_argument("--output", default=None, help="write metrics JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="HTTP API and web page")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    from blip2.checkpoints import CheckpointError
+
+    try:
+        func(args)
+    except (CheckpointError, ValueError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"blip2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Bad input through the public API and the CLI: each gives a clear error naming the file and the problem."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from blip2.checkpoints import CheckpointError
+from blip2.cli import main
+from blip2.data.images import ImageError
+from blip2.model import Blip2, Blip2QFormer
+from blip2.testing import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(d, llm="opt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir: Path) -> Blip2:
+    return Blip2.from_pretrained(tiny_dir)
+
+
+def _jpeg(tmp: Path, name: str = "ok.jpg", mode: str = "RGB") -> Path:
+    path = tmp / name
+    Image.new(mode, (40, 30), (10, 200, 30, 0)[: len(mode)] if mode != "RGB" else (10, 200, 30)).save(path, "JPEG")
+    return path
+
+
+def test_truncated_jpeg_names_the_file(tmp_path: Path, tiny: Blip2) -> None:
+    good = _jpeg(tmp_path)
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        tiny.caption([bad], max_new_tokens=3)
+
+
+def test_non_image_file(tmp_path: Path, tiny: Blip2) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with pytest.raises(ImageError, match="notes.txt"):
+        tiny.caption([notes], max_new_tokens=3)
+
+
+def test_odd_images_are_handled(tmp_path: Path, tiny: Blip2) -> None:
+    rgba = tmp_path / "alpha.png"
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(rgba)
+    one = tmp_path / "one.png"
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(one)
+    cmyk = _jpeg(tmp_path, "cmyk.jpg", mode="CMYK")
+    captions = tiny.caption([rgba, one, cmyk], max_new_tokens=3, num_beams=1)
+    assert len(captions) == 3
+
+
+def test_empty_question(tiny: Blip2) -> None:
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="question is empty"):
+        tiny.answer(image, ["what color?", "   "])
+
+
+def test_image_question_count_mismatch(tiny: Blip2) -> None:
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="2 images and 3 questions"):
+        tiny.answer([image, image], ["a?", "b?", "c?"])
+
+
+def test_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "readme.md").write_text("hello")
+    with pytest.raises(CheckpointError, match=f"'{tmp_path}' is not a checkpoint directory"):
+        Blip2.from_pretrained(tmp_path)
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Blip2.from_pretrained(tmp_path / "nowhere" / "model")
+
+
+def test_corrupt_config_json(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json' is not valid JSON"):
+        Blip2.from_pretrained(d)
+
+
+def test_checkpoint_shapes_do_not_match_config(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg["qformer"]["intermediate_size"] = 40  # weights were saved with 37
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(
+        CheckpointError, match=r"does not match its config: .*ffn_query.fc1.weight: checkpoint \(37, 32\)"
+    ):
+        Blip2.from_pretrained(d)
+
+
+def test_checkpoint_layer_count_mismatch(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg["qformer"]["num_hidden_layers"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="has 2 Q-Former layers, config says 4"):
+        Blip2.from_pretrained(d)
+
+
+def test_truncated_weights_file(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (d / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors' could not be read"):
+        Blip2.from_pretrained(d)
+
+
+def test_missing_weight_is_reported_and_model_untouched(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_dir / "config.json").read_text())
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    del state["language_projection.weight"]
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks weights: \\['language_projection.weight'\\]"):
+        Blip2.from_pretrained(d)
+
+
+def test_pickled_object_is_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, path)
+    from blip2.config import tiny_config
+
+    with pytest.raises(CheckpointError, match="evil.pth' could not be read"):
+        Blip2QFormer.from_pretrained(path, config=tiny_config(None))
+
+
+def test_unknown_model_name_in_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    image = _jpeg(tmp_path)
+    code = main(["caption", str(image), "--model", "not-a-model-dir"])
+    assert code == 2
+    assert "checkpoint 'not-a-model-dir' does not exist" in capsys.readouterr().err
+
+
+def test_cli_caption_and_ask_json(capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path) -> None:
+    image = _jpeg(tmp_path)
+    assert main(["caption", str(image), str(image), "--model", str(tiny_dir), "--json", "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in result] == [str(image)] * 2 and all(isinstance(r["caption"], str) for r in result)
+    assert main(["ask", str(image), "what color?", "how many shapes?", "--model", str(tiny_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["question"] for r in result] == ["what color?", "how many shapes?"]
+
+
+def test_cli_bad_image_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0garbage")
+    assert main(["caption", str(bad), "--model", str(tiny_dir)]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_cli_convert_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
+    qformer_dir = tmp_path / "stage1"
+    model = make_tiny_model(qformer_dir, llm=None)
+    with torch.no_grad():  # EVA has no key bias: LAVIS cannot store one
+        for name, p in model.named_parameters():
+            if name.endswith("qkv.bias"):
+                p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0
+    model.save_pretrained(qformer_dir)
+    assert main(["convert", str(qformer_dir), str(tmp_path / "lavis.pth"), "--to", "lavis"]) == 0
+    state = torch.load(tmp_path / "lavis.pth", weights_only=True)["model"]
+    assert "Qformer.bert.embeddings.LayerNorm.weight" in state
+    assert main(["convert", str(tmp_path / "lavis.pth"), str(tmp_path / "back"), "--config", "tiny-stage1"]) == 0
+    back = Blip2QFormer.from_pretrained(tmp_path / "back")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_bytes_and_pil_inputs(tiny: Blip2) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    assert len(tiny.caption([buf.getvalue(), Image.new("L", (8, 8))], max_new_tokens=2, num_beams=1)) == 2
