@@ -171,3 +171,36 @@ def test_own_format_round_trip(tmp_path: Path, pixels: torch.Tensor) -> None:
 def test_unknown_preset_names_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown model preset 'blip2-opt-99b'.*tiny-opt"):
         from_name("blip2-opt-99b")
+
+
+def test_qformer_from_bert_text_side_equals_bert() -> None:
+    """A Q-Former initialised from BERT computes BERT's function on text (token type 0 folded in)."""
+    from transformers import BertConfig, BertModel
+
+    from blip2.checkpoints import init_qformer_from_bert
+
+    cfg = tiny_config(None)
+    q = cfg.qformer
+    bert = BertModel(
+        BertConfig(
+            vocab_size=q.vocab_size - 1,
+            hidden_size=q.hidden_size,
+            num_hidden_layers=q.num_hidden_layers,
+            num_attention_heads=q.num_attention_heads,
+            intermediate_size=q.intermediate_size,
+            max_position_embeddings=q.max_position_embeddings,
+        ),
+        add_pooling_layer=False,
+    ).eval()
+    model = Blip2QFormer(cfg).eval()
+    not_from_bert = init_qformer_from_bert(model.qformer, bert.state_dict())
+    assert all(".cross_attn." in k or k.startswith("lm_head.") for k in not_from_bert), not_from_bert
+    ids = torch.randint(3, 90, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got, _ = model.qformer(input_ids=ids, allowed=mask.bool()[:, None, :].expand(-1, 6, -1))
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
+    layer = model.qformer.layers[0]
+    assert torch.equal(layer.ffn_query.fc1.weight, layer.ffn_text.fc1.weight)

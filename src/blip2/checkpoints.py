@@ -611,3 +611,72 @@ def convert(
         os.replace(tmp, out)
         return out
     raise ValueError(f"unknown target format {to!r}; expected 'blip2' or 'lavis'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Q-Former initialisation from a pretrained BERT (the paper's starting point)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def init_qformer_from_bert(qformer: nn.Module, bert_state: StateDict) -> list[str]:
+    """Copy a pretrained BERT (Hugging Face ``BertModel`` names, optionally ``bert.``-prefixed) into a Q-Former.
+
+    - self-attention and embeddings come from BERT; both feed-forward blocks (query and text) start from
+      BERT's feed-forward weights; cross-attention stays randomly initialised (as in the paper);
+    - the extra ``[DEC]`` row(s) of the word embeddings keep their random init;
+    - BERT's token-type embedding 0 (added to every token in BERT) is folded into the position embeddings,
+      so the text side computes exactly what the pretrained BERT computed;
+    - the MLM head (``cls.predictions.*``) initialises the ITG LM head when present.
+
+    Returns the names of Q-Former parameters that were *not* initialised from BERT.
+    """
+    state = {k.removeprefix("bert."): v for k, v in bert_state.items()}
+    own = qformer.state_dict()
+    mapped: StateDict = {}
+    for key, value in state.items():
+        if key.startswith("embeddings.word_embeddings."):
+            row = own["embeddings.word_embeddings.weight"].clone()
+            n = min(row.shape[0], value.shape[0])
+            row[:n] = value[:n]
+            mapped["embeddings.word_embeddings.weight"] = row
+        elif key == "embeddings.position_embeddings.weight":
+            token_type = state.get("embeddings.token_type_embeddings.weight")
+            mapped["embeddings.position_embeddings.weight"] = value + (token_type[0] if token_type is not None else 0)
+        elif key.startswith("embeddings.LayerNorm."):
+            mapped["layernorm." + key.split(".")[-1]] = value
+        elif key.startswith("cls.predictions."):
+            rest = key[len("cls.predictions.") :]
+            names = {
+                "transform.dense.weight": "lm_head.dense.weight",
+                "transform.dense.bias": "lm_head.dense.bias",
+                "transform.LayerNorm.weight": "lm_head.norm.weight",
+                "transform.LayerNorm.bias": "lm_head.norm.bias",
+            }
+            if rest in names:
+                mapped[names[rest]] = value
+            elif rest == "bias":
+                bias = own["lm_head.bias"].clone()
+                bias[: value.shape[0]] = value
+                mapped["lm_head.bias"] = bias
+        else:
+            m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", key)
+            if not m:
+                continue  # pooler, token types, position_ids buffer
+            part = _map_layer_part(m.group(2).replace("attention.self.", "attention.attention."))
+            if part is None:
+                continue
+            mapped[f"layers.{m.group(1)}.{part}"] = value
+            if part.startswith("ffn_text."):
+                mapped[f"layers.{m.group(1)}.{part.replace('ffn_text.', 'ffn_query.')}"] = value
+    mapped = {k: v for k, v in mapped.items() if k in own}
+    bad = [
+        f"{k}: BERT {tuple(v.shape)} vs Q-Former {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if v.shape != own[k].shape
+    ]
+    if bad:
+        raise CheckpointError("BERT weights do not fit this Q-Former config: " + "; ".join(bad[:5]))
+    with torch.no_grad():
+        for k, v in mapped.items():
+            own[k].copy_(v)
+    return sorted(set(own) - set(mapped))
