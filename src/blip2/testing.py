@@ -69,3 +69,30 @@ def make_tiny_model(directory: str | Path | None = None, llm: str | None = "opt"
     if directory is not None:
         model.save_pretrained(directory)
     return model
+
+
+def pretrain_tiny_llm(model: Any, texts: list[str], steps: int = 150, lr: float = 1e-2, seed: int = 0) -> None:
+    """Give a tiny random LLM some language first (plain LM on ``texts``), then freeze it again.
+
+    Stage 2 assumes a *pretrained* frozen LLM: a randomly initialised one barely reacts to its inputs, so
+    no visual prompt can lower its loss. Smoke tests use this to get a small but real frozen LLM.
+    """
+    lm = model.language_model
+    tok = model.tokenizer
+    g = torch.Generator().manual_seed(seed)
+    lm.requires_grad_(True)
+    lm.train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = [texts[int(i)] for i in torch.randint(len(texts), (16,), generator=g)]
+        enc = tok([t + (tok.eos_token or "") for t in batch], padding=True, return_tensors="pt", padding_side="right")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        if lm.config.is_encoder_decoder:
+            out = lm(input_ids=enc["input_ids"][:, :2], labels=labels)
+        else:
+            out = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    lm.eval()
+    lm.requires_grad_(False)

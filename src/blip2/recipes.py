@@ -1,0 +1,265 @@
+"""From a YAML run recipe to a trained model: builds the model, the data and the batches for stage 1 / 2.
+
+``blip2 train --config configs/<recipe>.yaml key=value ...`` calls `train_from_config`. A recipe is a
+`blip2.train.TrainConfig` whose free-form ``model`` and ``data`` sections are read here:
+
+model:
+  stage: 1 | 2
+  preset: a name from blip2.config.PRESETS (architecture)
+  qformer_init: minilm | <BERT directory or hub id> | none    # stage 1: the Q-Former starts from BERT
+  init_from: <stage-1 checkpoint directory>                    # stage 2: the Q-Former trained in stage 1
+  pretrained_vision: false | true                              # load the encoder's weights (model_id)
+  pretrained_llm: true | false                                 # load the LLM's weights (llm.model_id)
+  tokenizer: <path or hub id>                                  # optional override
+data:
+  kind: jsonl | csv | coco | webdataset | scenes
+  annotations: <file>  images: <image root>  urls: [<shards>]  n: <scenes count>  seed: 0
+  augment: false | true           # random resized crop + flip (no feature cache when on)
+  feature_cache: <dir> | null     # stage 1/2: train from cached frozen features
+  max_length: 32
+  prompt: ""                      # stage 2 decoder-only: text before the caption (not in the loss)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blip2.config import Blip2Config, from_name
+from blip2.data.collate import ImageTextCollator
+from blip2.data.transforms import ImageProcessor, TrainTransform
+from blip2.model import Blip2, Blip2QFormer
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
+    stage = int(section.get("stage", 1))
+    preset = section.get("preset")
+    if not preset:
+        raise ValueError("the recipe's model section needs a 'preset' (see blip2.config.PRESETS)")
+    config: Blip2Config = from_name(str(preset))
+    if stage == 1:
+        config.llm = None
+        config.qformer.use_text = True
+        model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=bool(section.get("pretrained_vision")))
+        init = section.get("qformer_init", "none")
+        if init and init != "none":
+            from blip2.checkpoints import init_qformer_from_bert
+            from blip2.pretrained import bert_state_dict, load_bert_tokenizer, minilm_path
+
+            path = minilm_path() if init == "minilm" else init
+            init_qformer_from_bert(model.qformer, bert_state_dict(path))
+            model.tokenizer = load_bert_tokenizer(path)
+    elif stage == 2:
+        if config.llm is None:
+            raise ValueError(f"preset {preset!r} has no LLM; stage 2 needs one")
+        config.qformer.use_text = False  # stage 2 uses the query side only
+        model = Blip2(
+            config,
+            pretrained_vision=bool(section.get("pretrained_vision")),
+            pretrained_llm=bool(section.get("pretrained_llm", True)),
+        )
+        if section.get("init_from"):
+            load_stage1_into(model, section["init_from"])
+        if config.llm.model_id and bool(section.get("pretrained_llm", True)):
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(config.llm.model_id)
+    else:
+        raise ValueError(f"model.stage must be 1 or 2, got {stage}")
+    if section.get("tokenizer"):
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(section["tokenizer"])
+    return model
+
+
+def load_stage1_into(model: Blip2, stage1: str | os.PathLike[str] | Blip2QFormer) -> None:
+    """Start stage 2 from a stage-1 model: image encoder, ln_vision, queries and the Q-Former's query side."""
+    source = stage1 if isinstance(stage1, Blip2QFormer) else Blip2QFormer.from_pretrained(stage1)
+    own = model.state_dict()
+    shared = {
+        k: v
+        for k, v in source.state_dict().items()
+        if k in own and k.startswith(("vision_model.", "ln_vision.", "query_tokens", "qformer."))
+    }
+    mismatch = [k for k, v in shared.items() if own[k].shape != v.shape]
+    if mismatch:
+        raise ValueError(f"stage-1 checkpoint does not fit this stage-2 model: {mismatch[:5]}")
+    with torch.no_grad():
+        for k, v in shared.items():
+            own[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_dir: Path) -> tuple[Any, dict]:
+    """The training dataset and the generators the loop must checkpoint (for exact resume)."""
+    from blip2.data.datasets import CocoCaptionsDataset, ImageTextDataset, WebDatasetShards
+
+    kind = section.get("kind", "jsonl")
+    vcfg = model.config.vision
+    augment = bool(section.get("augment", False))
+    seed = int(section.get("seed", 0))
+    transform: Any = (
+        TrainTransform.from_vision_config(vcfg, hflip=bool(section.get("hflip", True)))
+        if augment
+        else ImageProcessor.from_vision_config(vcfg)
+    )
+    if kind == "scenes":
+        from blip2.data.scenes import write_split
+
+        root = write_split(
+            work_dir / "data", "train", int(section.get("n", 256)), seed=seed, image_size=vcfg.image_size
+        )
+        dataset: Any = ImageTextDataset(root / "captions.jsonl", image_root=root, transform=transform, seed=seed)
+    elif kind in ("jsonl", "csv", "json"):
+        dataset = ImageTextDataset(
+            section["annotations"], image_root=section.get("images"), transform=transform, seed=seed
+        )
+    elif kind == "coco":
+        dataset = CocoCaptionsDataset(
+            section["annotations"], image_root=section.get("images"), transform=transform, seed=seed
+        )
+    elif kind == "webdataset":
+        if section.get("feature_cache"):
+            raise ValueError("the feature cache needs a map-style dataset; webdataset shards stream")
+        return WebDatasetShards(
+            section["urls"], transform=transform, shuffle_buffer=int(section.get("shuffle", 1000)), seed=seed
+        ), {}
+    else:
+        raise ValueError(f"unknown data.kind {kind!r}; expected jsonl, csv, coco, webdataset or scenes")
+    if section.get("feature_cache"):
+        if augment:
+            raise ValueError("data.feature_cache needs data.augment=false: cached features cannot be augmented")
+        dataset = cached(dataset, model, Path(section["feature_cache"]))
+    return dataset, {}
+
+
+def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
+    from blip2.data.feature_cache import CachedFeatureDataset, build_feature_cache, image_paths_of
+
+    processor = ImageProcessor.from_vision_config(model.config.vision)
+    features = build_feature_cache(
+        model.vision_model, image_paths_of(dataset), processor, directory, device=model.device
+    )
+    import json
+
+    bad = json.loads((directory / "meta.json").read_text()).get("bad_images", [])
+    return CachedFeatureDataset(dataset, features, bad)
+
+
+class Stage1Collate:
+    """BERT tokenisation ([CLS] text [SEP], right padding); cached features become ``image_features``."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 32) -> None:
+        self.inner = ImageTextCollator(tokenizer, max_length=max_length, padding_side="right")
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        batch = self.inner(samples)
+        _features_key(batch)
+        batch.pop("target_mask", None)
+        return batch
+
+
+class DecoderCollate:
+    """Stage 2, decoder-only LLM: ``prompt + caption + EOS``; labels on the caption and EOS only."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 32, prompt: str = "") -> None:
+        self.inner = ImageTextCollator(
+            tokenizer, max_length=max_length, prompt=prompt, append_eos=True, padding_side="right"
+        )
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        batch = self.inner(samples)
+        _features_key(batch)
+        target = batch.pop("target_mask").bool()
+        batch["labels"] = batch["input_ids"].masked_fill(~target, -100)
+        return batch
+
+
+class PrefixLMCollate:
+    """Stage 2, encoder-decoder LLM (prefix LM): each caption is split at a random word; the prefix goes
+    with the visual prompt into the encoder, the suffix is the decoder's target."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 32, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.inner = ImageTextCollator(tokenizer, max_length=max_length, padding_side="right")
+        self.rng = random.Random(seed)
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        kept = [s for s in samples if isinstance(s, Mapping)]
+        prefixes, suffixes = [], []
+        for s in kept:
+            words = str(s["text"]).split()
+            cut = self.rng.randint(0, max(0, len(words) - 1))  # the suffix keeps at least one word
+            prefixes.append(" ".join(words[:cut]))
+            suffixes.append(" ".join(words[cut:]))
+        batch = self.inner([{**s, "text": p} for s, p in zip(kept, prefixes, strict=True)])
+        _features_key(batch)
+        batch.pop("target_mask", None)
+        batch["skipped"] = len(samples) - len(kept)
+        target = self.tokenizer(
+            suffixes, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch["labels"] = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
+        return batch
+
+
+def _features_key(batch: dict[str, Any]) -> None:
+    """Cached features (B, P, Dv) arrive where pixels would; the model takes them as ``image_features``."""
+    if batch["pixel_values"].dim() == 3:
+        batch["image_features"] = batch.pop("pixel_values")
+
+
+def build_collate(section: Mapping[str, Any], model: Blip2 | Blip2QFormer) -> Callable[[list[Any]], dict]:
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: set model.tokenizer (or model.qformer_init / llm.model_id)")
+    max_length = int(section.get("max_length", 32))
+    if isinstance(model, Blip2QFormer):
+        return Stage1Collate(model.tokenizer, max_length)
+    if model.is_encoder_decoder:
+        return PrefixLMCollate(model.tokenizer, max_length, seed=int(section.get("seed", 0)))
+    return DecoderCollate(model.tokenizer, max_length, prompt=str(section.get("prompt", "")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_from_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), model: nn.Module | None = None
+) -> dict[str, Any]:
+    """Load a recipe, build everything, train, and save the final model to ``output_dir/model``."""
+    from blip2.train import load_config
+
+    cfg = load_config(path, overrides)
+    return train(cfg, model)
+
+
+def train(cfg: Any, model: nn.Module | None = None) -> dict[str, Any]:
+    from blip2.train import run_training
+
+    model = model if model is not None else build_model(cfg.model)
+    out = Path(cfg.output_dir)
+    dataset, generators = build_dataset(cfg.data, model, out)
+    collate = build_collate(cfg.data, model)
+    metrics = run_training(cfg, model, dataset, collate, rng_generators=generators)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        model.save_pretrained(out / "model")
+    return dict(metrics)
