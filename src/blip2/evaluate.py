@@ -552,3 +552,315 @@ def _read_json(path: str | Path, required: Sequence[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or any(key not in data for key in required):
         raise ValueError(f"{path} is not in the expected format: it needs top-level keys {list(required)}")
     return data
+
+
+# ---------------------------------------------------------------------------------------------- running models
+# `run_eval` runs models over a dataset (the demo's scenes, or COCO-format caption / VQA files) and scores the
+# outputs with the functions above. `main` is `blip2 eval`.
+
+
+def postprocess_answer(text: str, words: int = 0) -> str:
+    """A generated answer as VQA evaluation reads it: its first line, normalised (`normalize_vqa_answer`),
+    cut to its first ``words`` words when ``words`` > 0."""
+    lines = text.strip().splitlines()
+    answer = normalize_vqa_answer(lines[0] if lines else "")
+    return " ".join(answer.split()[:words]) if words > 0 else answer
+
+
+def _progress(iterable: Any, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, disable=not enabled)
+
+
+def load_scenes_eval(directory: str | Path) -> dict[str, Any]:
+    """A scenes split written by `blip2.data.scenes.write_split`, in the shape `run_eval` uses."""
+    root = Path(directory)
+    if not (root / "captions_coco.json").is_file():
+        raise FileNotFoundError(f"'{root}' is not a scenes split directory (no captions_coco.json)")
+    images, refs = load_coco_captions(root / "captions_coco.json")
+    questions, annotations = load_vqa(root / "vqa_questions.json", root / "vqa_annotations.json")
+    objects = {}
+    with open(root / "captions.jsonl", encoding="utf-8") as file:
+        for line in file:
+            row = json.loads(line)
+            objects[row["image"]] = row["objects"]
+    paths = {img["id"]: str(root / img["file_name"]) for img in images}
+    return {
+        "paths": paths,
+        "references": refs,
+        "objects": {img["id"]: objects[img["file_name"]] for img in images},
+        "questions": questions,
+        "annotations": annotations,
+    }
+
+
+def _image_path(folder: Path, image_id: Any, known: Mapping[Any, str]) -> str:
+    """An image's file: from a COCO caption file's ``file_name`` when known, else found by its id in
+    ``folder`` (``{id}.jpg``/``.png``, or a name ending in the zero-padded id, as VQAv2's COCO images)."""
+    if image_id in known:
+        return known[image_id]
+    for name in (f"{image_id}.jpg", f"{image_id}.png", f"{image_id}.jpeg"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    if isinstance(image_id, int):
+        matches = sorted(folder.glob(f"*{image_id:012d}.*"))
+        if matches:
+            return str(matches[0])
+    raise FileNotFoundError(f"no image for image id {image_id!r} in '{folder}'")
+
+
+def eval_retrieval(
+    model: Any,
+    paths: Sequence[str],
+    texts_per_image: Sequence[Sequence[str]],
+    k: int = 16,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Image↔text recall@1/5/10 of a stage-1 model: ITC shortlist of ``k`` re-ranked by ITM (as LAVIS), and the
+    ITC-only recall for comparison."""
+    from blip2.inference import retrieve
+
+    texts = [t for group in texts_per_image for t in group]
+    img_to_txt: list[list[int]] = []
+    txt_to_img: list[int] = []
+    for i, group in enumerate(texts_per_image):
+        img_to_txt.append(list(range(len(txt_to_img), len(txt_to_img) + len(group))))
+        txt_to_img.extend([i] * len(group))
+    with torch.no_grad():
+        out = retrieve(model, list(paths), texts, k=k, batch_size=batch_size)
+    result: dict[str, Any] = retrieval_recall(out["i2t"], img_to_txt, txt_to_img, sim_t2i=out["t2i"])
+    itc = retrieval_recall(out["itc"], img_to_txt, txt_to_img)
+    result["itc_only"] = {key: itc[key] for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
+    result.update({"k": k, "n_images": len(paths), "n_texts": len(texts)})
+    return result
+
+
+def eval_captions(
+    model: Any,
+    paths: Mapping[Any, str],
+    references: Mapping[Any, Sequence[str]],
+    prompt: str | None = None,
+    generation: Mapping[str, Any] | None = None,
+    metric_names: Sequence[str] = ("BLEU", "CIDEr"),
+    objects: Mapping[Any, Sequence[Mapping[str, Any]]] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate one caption per image and score it (COCO metrics; attribute accuracy when ``objects`` of
+    synthetic scenes are given). Returns the scores and ``predictions`` (image id → caption)."""
+    ids = list(paths)
+    predictions: dict[Any, str] = {}
+    for start in _progress(range(0, len(ids), batch_size), "captions", progress):
+        part = ids[start : start + batch_size]
+        captions = model.caption([paths[i] for i in part], prompt=prompt, batch_size=batch_size, **(generation or {}))
+        predictions.update(zip(part, captions, strict=True))
+    result: dict[str, Any] = {"n_images": len(ids)}
+    if metric_names:
+        scores = caption_metrics(predictions, {i: references[i] for i in ids}, metrics=metric_names)
+        result.update({k: v for k, v in scores.items() if k not in ("computed",)})
+    if objects is not None:
+        result["attributes"] = attribute_accuracy([predictions[i] for i in ids], [objects[i] for i in ids])
+    result["predictions"] = predictions
+    return result
+
+
+def eval_vqa(
+    model: Any,
+    questions: Mapping[Any, Mapping[str, Any]],
+    annotations: Mapping[Any, Mapping[str, Any]],
+    paths: Mapping[Any, str],
+    template: str = "Question: {} Answer:",
+    generation: Mapping[str, Any] | None = None,
+    answer_words: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot VQA: answer every question with ``model.answer`` and score with the VQA accuracy, per question
+    type and answer type. Returns the report plus ``predictions`` and ``raw_answers`` (question id → text)."""
+    qids = [q for q in annotations if q in questions]
+    qids.sort(key=lambda q: (str(questions[q]["image_id"]), str(q)))  # one image's questions share a batch
+    raw: dict[Any, str] = {}
+    chunk = 8 * batch_size
+    for start in _progress(range(0, len(qids), chunk), "questions", progress):
+        part = qids[start : start + chunk]
+        answers = model.answer(
+            [paths[questions[q]["image_id"]] for q in part],
+            [questions[q]["question"] for q in part],
+            prompt_template=template,
+            batch_size=batch_size,
+            **(generation or {}),
+        )
+        raw.update(zip(part, answers, strict=True))
+    predictions = {q: postprocess_answer(a, answer_words) for q, a in raw.items()}
+    report = vqa_report(predictions, {q: annotations[q] for q in qids})
+    report.update({"template": template, "answer_words": answer_words, "predictions": predictions, "raw_answers": raw})
+    return report
+
+
+def run_eval(
+    model: Any = None,
+    retrieval_model: Any = None,
+    scenes: str | Path | None = None,
+    coco_captions: str | Path | None = None,
+    vqa_questions: str | Path | None = None,
+    vqa_annotations: str | Path | None = None,
+    images: str | Path | None = None,
+    caption_prompt: str | None = None,
+    caption_generation: Mapping[str, Any] | None = None,
+    vqa_template: str = "Question: {} Answer:",
+    vqa_generation: Mapping[str, Any] | None = None,
+    answer_words: int = 0,
+    retrieval_k: int = 16,
+    caption_metric_names: Sequence[str] = ("BLEU", "CIDEr"),
+    batch_size: int = 8,
+    max_images: int | None = None,
+    keep_predictions: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate loaded models on a scenes split (``scenes``) or on COCO-format files with an image folder.
+
+    ``model`` (a `Blip2`) captions and answers; ``retrieval_model`` (a `Blip2QFormer`) retrieves. Each part
+    runs when its model and data are there: retrieval and captions need captions (the scenes or
+    ``coco_captions``), VQA needs questions and annotations. ``max_images`` keeps the first N images (and
+    their questions). Returns {"retrieval", "captions", "vqa"} (absent parts are None); per-item predictions
+    are dropped unless ``keep_predictions``.
+    """
+    paths: dict[Any, str] = {}
+    references: dict[Any, list[str]] | None = None
+    objects = None
+    questions = annotations = None
+    if scenes is not None:
+        data = load_scenes_eval(scenes)
+        paths, references, objects = data["paths"], data["references"], data["objects"]
+        questions, annotations = data["questions"], data["annotations"]
+    if coco_captions is not None:
+        if images is None:
+            raise ValueError("--coco-captions needs --images (the folder the file names are relative to)")
+        image_list, references = load_coco_captions(coco_captions)
+        paths = {img["id"]: str(Path(images) / img["file_name"]) for img in image_list}
+    if (vqa_questions is None) != (vqa_annotations is None):
+        raise ValueError("VQA evaluation needs both --vqa-questions and --vqa-annotations")
+    if vqa_questions is not None and vqa_annotations is not None:
+        if images is None:
+            raise ValueError("VQA files need --images (the folder holding the question images)")
+        questions, annotations = load_vqa(vqa_questions, vqa_annotations)
+        folder = Path(images)
+        for q in questions.values():
+            if q["image_id"] not in paths:
+                paths[q["image_id"]] = _image_path(folder, q["image_id"], paths)
+    image_ids = list(references) if references is not None else list(dict.fromkeys(paths))
+    if max_images is not None:
+        image_ids = image_ids[:max_images]
+    kept = set(image_ids)
+
+    result: dict[str, Any] = {"retrieval": None, "captions": None, "vqa": None}
+    if retrieval_model is not None and references is not None:
+        result["retrieval"] = eval_retrieval(
+            retrieval_model, [paths[i] for i in image_ids], [references[i] for i in image_ids], k=retrieval_k
+        )
+    if model is not None and references is not None:
+        result["captions"] = eval_captions(
+            model,
+            {i: paths[i] for i in image_ids},
+            references,
+            prompt=caption_prompt,
+            generation=caption_generation,
+            metric_names=caption_metric_names,
+            objects=objects,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    if model is not None and questions is not None and annotations is not None:
+        wanted = {q: a for q, a in annotations.items() if questions[q]["image_id"] in kept or not references}
+        result["vqa"] = eval_vqa(
+            model,
+            questions,
+            wanted,
+            paths,
+            template=vqa_template,
+            generation=vqa_generation,
+            answer_words=answer_words,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    if not keep_predictions:
+        for part in ("captions", "vqa"):
+            if result[part] is not None:
+                result[part] = {k: v for k, v in result[part].items() if k not in ("predictions", "raw_answers")}
+    return result
+
+
+def _format_summary(result: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if result.get("retrieval"):
+        r = result["retrieval"]
+        lines.append(
+            "retrieval: "
+            + " ".join(f"{k}={r[k]:.3f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"))
+        )
+    if result.get("captions"):
+        c = result["captions"]
+        scores = [f"{k}={c[k]:.3f}" for k in ("CIDEr", "BLEU-4", "METEOR", "SPICE") if isinstance(c.get(k), float)]
+        if c.get("attributes"):
+            scores.append(f"attribute_accuracy={c['attributes']['object']:.3f}")
+        lines.append("captions: " + " ".join(scores))
+    if result.get("vqa"):
+        v = result["vqa"]
+        per_type = " ".join(f"{t}={a:.3f}" for t, a in v["per_type"].items())
+        lines.append(f"vqa: overall={v['overall']:.3f} ({per_type})")
+    return lines or ["nothing to evaluate: give a model and --scenes, --coco-captions or --vqa-* files"]
+
+
+def main(args: Any) -> None:
+    """`blip2 eval`: load the models named by ``args`` and run `run_eval`; print a summary or JSON."""
+    from blip2.checkpoints import load_any
+
+    device = getattr(args, "device", "cpu")
+    model = load_any(args.model, map_location=device).eval() if args.model else None
+    retrieval_model = None
+    retrieval_path = getattr(args, "retrieval_model", None)
+    if retrieval_path is None and args.model and (Path(args.model).parent / "qformer" / "config.json").is_file():
+        retrieval_path = str(Path(args.model).parent / "qformer")  # the demo saves stage 1 next to the model
+    if retrieval_path:
+        retrieval_model = load_any(retrieval_path, map_location=device).eval()
+    if model is not None and not hasattr(model, "answer"):  # a stage-1 model given as --model
+        retrieval_model, model = retrieval_model or model, None
+    generation: dict[str, Any] = {}
+    if getattr(args, "num_beams", None):
+        generation["num_beams"] = args.num_beams
+    result = run_eval(
+        model=model,
+        retrieval_model=retrieval_model,
+        scenes=args.scenes,
+        coco_captions=args.coco_captions,
+        vqa_questions=args.vqa_questions,
+        vqa_annotations=args.vqa_annotations,
+        images=args.images,
+        caption_prompt=getattr(args, "prompt", None),
+        caption_generation=generation,
+        vqa_template=getattr(args, "vqa_template", "Question: {} Answer:"),
+        vqa_generation=generation,
+        answer_words=getattr(args, "answer_words", 0),
+        retrieval_k=getattr(args, "retrieval_k", 16),
+        caption_metric_names=getattr(args, "metrics", None) or ("BLEU", "CIDEr"),
+        max_images=getattr(args, "max_images", None),
+        keep_predictions=args.output is not None,
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2, default=str))
+    summary = {k: v for k, v in result.items()}
+    if args.json:
+        print(json.dumps(_without_predictions(summary), indent=2, default=str))
+    else:
+        print("\n".join(_format_summary(result)))
+
+
+def _without_predictions(result: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if k not in ("predictions", "raw_answers")}
+        out[key] = value
+    return out

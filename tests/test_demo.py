@@ -1,0 +1,105 @@
+"""The offline demo end to end at tiny sizes (``quick=True``): every output file, loading, the CLI, caching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blip2.cli import main as cli_main
+from blip2.demo import DemoSettings, cache_keys, detailed_caption, quick_settings, run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, quick=True)
+    return out
+
+
+def test_demo_writes_every_output(demo_dir: Path) -> None:
+    for name in ("metrics.json", "report.html", "stage1_losses.png", "stage2_losses.png"):
+        assert (demo_dir / name).is_file(), name
+    for model in ("model", "qformer"):
+        assert (demo_dir / model / "config.json").is_file()
+        assert (demo_dir / model / "model.safetensors").is_file()
+    assert (demo_dir / "model" / "tokenizer.json").is_file()  # `blip2 ask --model DIR/model` needs it
+    for split in ("train", "test"):
+        assert (demo_dir / "data" / split / "captions_coco.json").is_file()
+
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    assert metrics["wall_time_s"] > 0 and metrics["peak_rss_mb"] > 0
+    head = metrics["headline"]
+    for key in ("i2t_r1", "t2i_r1", "caption_attribute_accuracy", "CIDEr", "vqa_overall"):
+        assert 0.0 <= head[key] <= 10.0, key
+    assert set(head["vqa_per_type"]) == {"color", "count", "exists", "position", "shape"}
+    assert metrics["training"]["stage1"]["last"]["step"] == quick_settings().stage1.steps
+    assert metrics["training"]["stage2"]["last"]["step"] == quick_settings().stage2.steps
+
+    page = (demo_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= quick_settings().n_report + 2  # samples + two loss plots
+    assert "generated caption" in page and "zero-shot" in page
+
+
+def test_demo_model_loads_and_answers(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blip2.model import Blip2
+
+    model = Blip2.from_pretrained(demo_dir / "model").eval()
+    image = sorted((demo_dir / "data" / "test" / "images").iterdir())[0]
+    answers = model.answer([str(image)], ["what color is the circle?"], max_new_tokens=3, num_beams=1)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+    args = ["ask", str(image), "how many shapes are there?", "--model", str(demo_dir / "model"), "--json"]
+    assert cli_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["question"] == "how many shapes are there?"
+
+
+def test_eval_cli_on_demo_outputs(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = tmp_path / "eval.json"
+    args = ["eval", "--model", str(demo_dir / "model"), "--retrieval-model", str(demo_dir / "qformer")]
+    args += ["--scenes", str(demo_dir / "data" / "test"), "--max-images", "3", "--num-beams", "1"]
+    args += ["--retrieval-k", "2", "--answer-words", "1", "--output", str(out_file)]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "retrieval:" in printed and "vqa: overall=" in printed
+    result = json.loads(out_file.read_text())
+    assert result["retrieval"]["n_images"] == 3
+    assert len(result["captions"]["predictions"]) == 3
+    assert 0.0 <= result["vqa"]["overall"] <= 1.0
+
+
+def test_second_run_reuses_the_cache(demo_dir: Path) -> None:
+    marker = demo_dir / "model" / "model.safetensors"
+    before = marker.stat().st_mtime_ns
+    metrics = run_demo(demo_dir, quick=True)
+    assert marker.stat().st_mtime_ns == before  # the saved model was not rewritten
+    assert metrics["timings_s"]["evaluate"] < 5  # evaluation results came from the cache
+
+
+def test_cache_keys_follow_the_settings() -> None:
+    base = quick_settings()
+    changed = quick_settings()
+    changed.stage2.steps += 1
+    a, b = cache_keys(base), cache_keys(changed)
+    assert a["data"] == b["data"] and a["features"] == b["features"] and a["stage1"] == b["stage1"]
+    assert a["stage2"] != b["stage2"] and a["eval"] != b["eval"]
+
+
+def test_demo_yaml_matches_the_defaults() -> None:
+    from_yaml = DemoSettings.from_yaml(REPO / "configs" / "demo.yaml")
+    assert from_yaml == DemoSettings()
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())  # a plain YAML recipe
+
+
+def test_detailed_caption_names_everything() -> None:
+    objects = [
+        {"color": "blue", "shape": "square", "size": "large", "position": "right", "bbox": [150, 80, 210, 140]},
+        {"color": "red", "shape": "circle", "size": "small", "position": "left", "bbox": [10, 90, 40, 120]},
+    ]
+    expected = "two shapes: a small red circle on the left and a large blue square on the right"
+    assert detailed_caption(objects) == expected
