@@ -204,3 +204,28 @@ def test_qformer_from_bert_text_side_equals_bert() -> None:
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
     layer = model.qformer.layers[0]
     assert torch.equal(layer.ffn_query.fc1.weight, layer.ffn_text.fc1.weight)
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path: Path, pixels: torch.Tensor, monkeypatch) -> None:  # noqa: ANN001
+    """A hub id is fetched with huggingface_hub (stubbed here: no internet) and then loaded like a directory."""
+    import huggingface_hub
+
+    cfg = tiny_config("opt")
+    hf = make_hf_generation_model(cfg, tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = Blip2.from_pretrained("Salesforce/blip2-opt-2.7b").eval()
+    assert calls and calls[0][0] == "Salesforce/blip2-opt-2.7b" and "*.safetensors" in calls[0][1]
+    ids, mask = _left_padded(cfg.num_query_tokens, cfg.llm.image_token_index)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits,
+            hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits,
+            atol=1e-4,
+            rtol=0,
+        )
