@@ -117,9 +117,16 @@ def answer(
     questions: Any,
     prompt_template: str = "Question: {} Answer:",
     batch_size: int = 8,
+    shared_prefix: bool = True,
     **generation_kwargs: Any,
 ) -> list[str]:
-    """Zero-shot VQA: one answer per question. One image with several questions is encoded once."""
+    """Zero-shot VQA: one answer per question. One image with several questions is encoded once.
+
+    With ``shared_prefix`` (decoder-only LLMs whose positions follow the attention mask, e.g. OPT), the
+    LLM also runs the part of the prompt the questions share (the image's visual prompt and the template's
+    leading text) once per image, and each question's prompt once rather than once per beam
+    (`blip2.fast_generate.shared_prefix_generate`; the same answers as asking one by one).
+    """
     questions = _as_list(questions)
     images = _as_list(images)
     for q in questions:
@@ -146,10 +153,50 @@ def answer(
     for part in _chunks(len(questions), batch_size):
         rows = torch.tensor([unique[k] for k in keys[part]], device=visual.device)
         prompts = [prompt_template.format(q.strip()) for q in questions[part]]
+        if shared_prefix and (answers := _answer_shared_prefix(model, visual, rows, prompts, kwargs)) is not None:
+            out.extend(answers)
+            continue
         ids, mask = llm_prompt_ids(model, prompts)
         generated = model.generate(input_ids=ids, attention_mask=mask, visual_prompt=visual[rows], **kwargs)
         out.extend(_decode(model, generated, ids.shape[1]))
     return out
+
+
+def _answer_shared_prefix(
+    model: Any, visual: torch.Tensor, rows: torch.Tensor, prompts: list[str], kwargs: dict[str, Any]
+) -> list[str] | None:
+    """Answers through `shared_prefix_generate`, or None when that path does not apply to this model."""
+    from blip2.fast_generate import (
+        common_prefix_length,
+        expansion_factor,
+        positions_follow_mask,
+        shared_prefix_generate,
+    )
+
+    lm = model.language_model
+    if model.is_encoder_decoder or not positions_follow_mask(lm):
+        return None
+    expand = expansion_factor(lm, kwargs)
+    if expand is None:
+        return None
+    tok = _tokenizer(model)
+    texts = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if any(len(t) == 0 for t in texts):
+        return None
+    n = common_prefix_length(texts)
+    images, local = torch.unique(rows, return_inverse=True)  # the distinct images of this batch
+    q = model.config.num_query_tokens
+    image_token = model.config.llm.image_token_index
+    placeholders = [image_token] * q if image_token is not None else []
+    common = torch.tensor([placeholders + texts[0][:n]], dtype=torch.long, device=visual.device)
+    common = common.repeat(images.shape[0], 1)
+    prefix_embeds, _, offset = model._llm_inputs(visual[images], common, None)  # (N, P, H)
+    prefix_ids = [0] * offset + common[0].tolist()  # stand-ins at prepended positions (never embedded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else lm.config.pad_token_id
+    new = shared_prefix_generate(
+        lm, prefix_embeds, prefix_ids, local, [t[n:] for t in texts], pad_token_id=pad or 0, expand=expand, **kwargs
+    )
+    return [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
 
 
 def qformer_text_ids(model: Any, texts: Sequence[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,12 +247,14 @@ def retrieve(
     batch_size: int = 32,
     image_feats: torch.Tensor | None = None,
     image_embeds: torch.Tensor | None = None,
+    itm_batch_size: int = 256,
 ) -> dict[str, Any]:
     """Image↔text retrieval: ITC shortlist of ``k`` candidates, re-ranked by ITM (as LAVIS evaluates).
 
     Returns ``itc`` (N_img, N_txt) similarities, ``i2t`` / ``t2i`` final score matrices (candidates outside
     the shortlist get -inf) and ``i2t_ranking`` / ``t2i_ranking`` (indices, best first, length k).
-    Precomputed ``image_feats`` (N, Q, E) and ``image_embeds`` (N, P, Dv) skip the image encoder.
+    Precomputed ``image_feats`` (N, Q, E) and ``image_embeds`` (N, P, Dv) skip the image encoder. ITM runs
+    once per distinct (image, text) pair of the two shortlists, ``itm_batch_size`` pairs at a time.
     """
     texts = _as_list(texts)
     if image_embeds is None:
@@ -227,12 +276,16 @@ def retrieve(
     t2i = torch.full_like(itc.t(), float("-inf"))
     top_t = itc.topk(k_i2t, dim=1).indices  # (N_img, k)
     img_rows = torch.arange(n_img, device=itc.device)[:, None].expand(-1, k_i2t).reshape(-1)
-    scores = _itm_scores(model, image_embeds, ids, mask, img_rows, top_t.reshape(-1), batch_size)
-    i2t[img_rows, top_t.reshape(-1)] = scores + itc[img_rows, top_t.reshape(-1)]
     top_i = itc.t().topk(k_t2i, dim=1).indices  # (N_txt, k)
     txt_rows = torch.arange(n_txt, device=itc.device)[:, None].expand(-1, k_t2i).reshape(-1)
-    scores = _itm_scores(model, image_embeds, ids, mask, top_i.reshape(-1), txt_rows, batch_size)
-    t2i[txt_rows, top_i.reshape(-1)] = scores + itc[top_i.reshape(-1), txt_rows]
+    # a pair short-listed in both directions is scored once: ITM over the union of the two shortlists
+    pair_image = torch.cat([img_rows, top_i.reshape(-1)])
+    pair_text = torch.cat([top_t.reshape(-1), txt_rows])
+    pairs, where = torch.unique(pair_image * n_txt + pair_text, return_inverse=True)  # sorted by image
+    scores = _itm_scores(model, image_embeds, ids, mask, pairs // n_txt, pairs % n_txt, itm_batch_size)[where]
+    n_i2t = img_rows.shape[0]
+    i2t[img_rows, top_t.reshape(-1)] = scores[:n_i2t] + itc[img_rows, top_t.reshape(-1)]
+    t2i[txt_rows, top_i.reshape(-1)] = scores[n_i2t:] + itc[top_i.reshape(-1), txt_rows]
     return {
         "itc": itc,
         "i2t": i2t,

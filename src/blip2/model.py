@@ -20,6 +20,7 @@ from torch import nn
 
 from blip2 import losses
 from blip2.config import Blip2Config
+from blip2.fast_generate import expansion_factor, prefix_cached_generate
 from blip2.layers import KVCache
 from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
 from blip2.qformer import QFormer, bidirectional_mask, multimodal_causal_mask
@@ -405,6 +406,7 @@ class Blip2(_ImageQueryModel):
         attention_mask: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         visual_prompt: torch.Tensor | None = None,
+        prefix_cache: bool = True,
         **generation_kwargs: Any,
     ) -> torch.Tensor:
         """Token ids from the LLM conditioned on the image (and the prompt ``input_ids``).
@@ -413,6 +415,8 @@ class Blip2(_ImageQueryModel):
         tokens; encoder-decoder models return the decoder's tokens. Without ``input_ids`` the prompt is
         the visual prompt followed by BOS (decoder-only) or the visual prompt alone (encoder-decoder).
         ``visual_prompt`` (B, Q, H) may be given instead of the image, when it was computed once and reused.
+        ``prefix_cache`` (decoder-only): run the prompt through the LLM once per row and copy its cache to the
+        beams instead of running it once per beam (`blip2.fast_generate`; same tokens, less work).
         """
         prompt = visual_prompt if visual_prompt is not None else self.visual_prompt(pixel_values, image_features)
         b, q, _ = prompt.shape
@@ -433,12 +437,25 @@ class Blip2(_ImageQueryModel):
         embeds, mask, offset = self._llm_inputs(prompt, input_ids, attention_mask)
         if self.is_encoder_decoder:
             return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+        expand = expansion_factor(self.language_model, generation_kwargs) if prefix_cache else None
+        if expand is not None and input_ids.shape[1] > 0 and self._last_is_text(input_ids):
+            # the prompt's first L-1 positions run once per row, not once per beam (same tokens)
+            llm_ids = input_ids
+            if offset:  # prepended: stand-in ids for the visual prompt's positions (cached, never embedded)
+                llm_ids = torch.cat([input_ids.new_zeros(b, offset), input_ids], dim=1)
+            out = prefix_cached_generate(self.language_model, llm_ids, embeds, mask, expand, **generation_kwargs)
+            return torch.cat([input_ids.repeat_interleave(out.shape[0] // b, dim=0), out[:, llm_ids.shape[1] :]], 1)
         if offset:  # prepended: transformers cannot align input_ids with the longer embeddings
             new = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
             return torch.cat([input_ids, new], dim=1)
         return self.language_model.generate(
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **generation_kwargs
         )
+
+    def _last_is_text(self, input_ids: torch.Tensor) -> bool:
+        """The last prompt position is an ordinary token (not a visual-prompt placeholder) in every row."""
+        image_token = self.config.llm.image_token_index if self.config.llm is not None else None
+        return image_token is None or not bool((input_ids[:, -1] == image_token).any())
 
     # ---------------------------------------------------------------- convenience (PIL images or paths)
     def caption(
