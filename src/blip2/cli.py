@@ -83,9 +83,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from blip2.serve import serve
+    from blip2.serve import ServeConfig, serve
 
-    serve(args.model, host=args.host, port=args.port, device=args.device)
+    config = ServeConfig(
+        max_batch=args.max_batch,
+        queue_size=args.queue_size,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+    )
+    serve(
+        args.model, host=args.host, port=args.port, device=args.device, config=config, torch_threads=args.torch_threads
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests combined into one model call")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--torch-threads", type=int, default=None)
     p.set_defaults(func=cmd_serve)
     return parser
 
