@@ -82,6 +82,10 @@ def test_prepending_equals_placeholders(tmp_path: Path, pixels: torch.Tensor) ->
         placeholder = ours(pixel_values=pixels[1:], input_ids=ids[1:], attention_mask=mask[1:]).logits[:, q:]
         prepended = ours(pixel_values=pixels[1:], input_ids=text_ids, attention_mask=text_mask).logits
     torch.testing.assert_close(prepended, placeholder, atol=1e-5, rtol=0)
+    gen = {"max_new_tokens": 6, "num_beams": 3}
+    with_placeholders = ours.generate(pixel_values=pixels[1:], input_ids=ids[1:], attention_mask=mask[1:], **gen)
+    with_prepending = ours.generate(pixel_values=pixels[1:], input_ids=text_ids, attention_mask=text_mask, **gen)
+    assert with_prepending[:, text_ids.shape[1] :].tolist() == with_placeholders[:, ids.shape[1] :].tolist()
 
 
 def test_target_only_logits_loss_equals_full(tmp_path: Path, pixels: torch.Tensor) -> None:
