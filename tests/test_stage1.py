@@ -245,3 +245,24 @@ def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # 
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(ddp[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = _model().train()
+        for m in model.modules():  # no dropout: the two runs must be comparable
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "attn_dropout"):
+                m.attn_dropout = 0.0
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
+        torch.manual_seed(0)
+        out = model(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.randn(3, 3, 32, 32))
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
