@@ -105,6 +105,31 @@ def load_stage1_into(model: Blip2, stage1: str | os.PathLike[str] | Blip2QFormer
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _rank0_first(
+    marker: Path, build: Callable[[], Any], load: Callable[[], Any] | None = None, timeout_s: float = 3600.0
+) -> Any:
+    """Under torchrun, rank 0 builds shared files (data, feature cache) while the others wait for its marker,
+    then everyone reads them: no two processes write the same file. The process group does not exist yet
+    here (the training loop creates it), so the ranks coordinate through the file system."""
+    import time
+
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return build()
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+        result = build()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("ok")
+        return result
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank} waited {timeout_s:.0f}s for rank 0 to write {marker}")
+        time.sleep(0.5)
+    return (load or build)()
+
+
 def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_dir: Path) -> tuple[Any, dict]:
     """The training dataset and the generators the loop must checkpoint (for exact resume)."""
     from blip2.data.datasets import CocoCaptionsDataset, ImageTextDataset, WebDatasetShards
