@@ -156,3 +156,38 @@ def test_cli_train_from_yaml_recipe(tmp_path: Path) -> None:
     assert (out / "metrics.jsonl").exists() and (out / "model" / "config.json").exists()
     model = Blip2QFormer.from_pretrained(out / "model")
     assert model.tokenizer is not None and model.config.qformer.hidden_size == 384
+
+
+def test_stage1_under_torchrun_two_processes(tmp_path: Path) -> None:
+    """`blip2 train` under torchrun (2 gloo processes): texts padded differently per rank are gathered for ITM
+    hard negatives, rank 0 builds the data and the feature cache, the model is saved once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "blip2.cli",
+        "train",
+        "--config",
+        "configs/stage1_small.yaml",
+        f"output_dir={out}",
+        "max_steps=3",
+        "batch_size=2",
+        "data.n=8",
+        f"data.feature_cache={out / 'cache'}",
+        "log_every=1",
+        "save_every=3",
+        "num_workers=0",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (out / "model" / "model.safetensors").exists()

@@ -55,6 +55,19 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def all_gather_padded(x: torch.Tensor, pad_value: int) -> torch.Tensor:
+    """Gather (B, T) token tensors whose T differs between ranks (each pads to its own longest text): pad
+    to the longest T over all ranks first. → (B_global, T_max)"""
+    _, size = world()
+    if size == 1:
+        return x
+    width = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    x = F.pad(x, (0, int(width) - x.shape[1]), value=pad_value)
+    return all_gather_no_grad(x)
+
+
 def itc_similarities(
     image_feats: torch.Tensor,  # (Bi, Q, E), normalised
     text_feats: torch.Tensor,  # (Bt, E), normalised

@@ -253,13 +253,16 @@ class Blip2QFormer(_ImageQueryModel):
         # ITM: one hard negative text per image and one hard negative image per text
         rank, _ = losses.world()
         image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (Bg, P, Dv)
-        ids_all = losses.all_gather_no_grad(input_ids)
-        mask_all = losses.all_gather_no_grad(attention_mask)
+        ids_all = losses.all_gather_padded(input_ids, self.config.qformer.pad_token_id)  # (Bg, Tmax)
+        mask_all = losses.all_gather_padded(attention_mask, 0)
         neg_image = losses.sample_hard_negatives(sim_t2i.detach(), offset=rank * b, generator=generator)
         neg_text = losses.sample_hard_negatives(sim_i2t.detach(), offset=rank * b, generator=generator)
         itm_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])  # (3B, P, Dv)
-        itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_text]])  # (3B, T)
-        itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_text]])
+        width = ids_all.shape[1]  # this rank's texts padded to the global width
+        own_ids = F.pad(input_ids, (0, width - input_ids.shape[1]), value=self.config.qformer.pad_token_id)
+        own_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)
+        itm_ids = torch.cat([own_ids, own_ids, ids_all[neg_text]])  # (3B, T)
+        itm_mask = torch.cat([own_mask, own_mask, mask_all[neg_text]])
         loss_itm = losses.itm_loss(self.itm_logits(itm_images, itm_ids, itm_mask), b)
 
         # ITG: [DEC] replaces [CLS]; text attends to the queries' keys/values and to earlier text
