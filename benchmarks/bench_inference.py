@@ -453,6 +453,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="P1: time ViT, Q-Former and LLM separately")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1: CPU times robust to other load)")
     parser.add_argument("--no-pack", action="store_true", help="skip the pre-packed-weights variant")
     parser.add_argument(
         "--cache-dir", type=Path, default=Path(os.environ.get("BLIP2_BENCH_CACHE", "~/.cache/blip2-bench"))
@@ -461,6 +462,8 @@ def main() -> None:
     args.cache_dir = args.cache_dir.expanduser()
     if args.small:
         args.reps = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (args.p1 or args.p2 or args.p5 or args.gpu):
         args.p1 = args.p2 = args.p5 = args.gpu = True
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cache {args.cache_dir}")
