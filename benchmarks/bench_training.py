@@ -47,6 +47,22 @@ def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def paired_median_times(fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median times of two variants measured alternately (a, b, a, b, ...) after one warm-up each, so that a
+    change in the machine's load during the run affects both alike."""
+    fn_a()
+    fn_b()
+    times_a, times_b = [], []
+    for _ in range(reps):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def _autocast() -> torch.autocast | torch.autograd.grad_mode.no_grad:
     if _device().type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -157,8 +173,9 @@ def stage2(args: argparse.Namespace) -> float:
     labels[:, :2] = -100  # e.g. BOS + prompt
     features = model.image_features(torch.randn(b, 3, 224, 224, device=dev))
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "image_features": features}
-    target_only = median_time(lambda: train_step(model, batch, opt), args.reps)
-    full = median_time(lambda: train_step(model, {**batch, "full_logits": True}, opt), args.reps)
+    target_only, full = paired_median_times(
+        lambda: train_step(model, batch, opt), lambda: train_step(model, {**batch, "full_logits": True}, opt), args.reps
+    )
     counter = FlopCounterMode(display=False)
     with counter:
         train_step(model, batch, opt)
