@@ -106,10 +106,8 @@ def stage1(args: argparse.Namespace) -> float:
     ids[:, 0] = qformer.cls_token_id
     mask = torch.ones_like(ids)
     features = model.image_features(pixels)  # what the cache stores: (B, P, Dv)
-    live = median_time(
-        lambda: train_step(model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, opt), args.reps
-    )
-    cached = median_time(
+    live, cached = paired_median_times(
+        lambda: train_step(model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, opt),
         lambda: train_step(model, {"input_ids": ids, "attention_mask": mask, "image_features": features}, opt),
         args.reps,
     )
