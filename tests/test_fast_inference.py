@@ -219,8 +219,10 @@ def test_retrieve_scores_each_pair_once_and_matches_direct_itm() -> None:
     calls: list[int] = []
     original = model.itm_logits
 
-    def counting(image_embeds: torch.Tensor, *args: Any) -> torch.Tensor:
-        calls.append(image_embeds.shape[0])
+    def counting(image_embeds: Any, *args: Any) -> torch.Tensor:
+        from blip2.qformer import image_batch_size
+
+        calls.append(image_batch_size(image_embeds))
         return original(image_embeds, *args)
 
     model.itm_logits = counting  # type: ignore[method-assign]

@@ -266,3 +266,25 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_shared_image_keys_values_equal_projecting_each_pass() -> None:
+    """Cross-attention keys/values computed once per image (ITC, ITM, re-ranking) change nothing."""
+    from blip2.qformer import cat_image_kv, select_image_kv
+
+    model = _model()
+    image = torch.randn(3, 17, 32)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
+    mask = (ids != 0).long()
+    kv = model.qformer.image_kv(image)
+    torch.testing.assert_close(model.query_output(kv)[0], model.query_output(image)[0], atol=1e-6, rtol=0)
+    order = torch.tensor([2, 0, 0])
+    torch.testing.assert_close(
+        model.itm_logits(select_image_kv(kv, order), ids, mask), model.itm_logits(image[order], ids, mask)
+    )
+    both = cat_image_kv(kv, select_image_kv(kv, order))
+    stacked = torch.cat([image, image[order]])
+    torch.testing.assert_close(
+        model.itm_logits(both, ids.repeat(2, 1), mask.repeat(2, 1)),
+        model.itm_logits(stacked, ids.repeat(2, 1), mask.repeat(2, 1)),
+    )

@@ -305,10 +305,15 @@ def _itm_scores(
     batch_size: int,
 ) -> torch.Tensor:
     """ITM "match" logit for each (image_index[i], text_index[i]) pair, batched. → (N,)"""
+    from blip2.qformer import select_image_kv
+
     out = []
     for p in _chunks(image_index.shape[0], batch_size):
         t_ids, t_mask = ids[text_index[p]], mask[text_index[p]]
         width = int(t_mask.sum(dim=1).max())  # trim padding shared by this batch
-        logits = model.itm_logits(image_embeds[image_index[p]], t_ids[:, :width], t_mask[:, :width])
+        # project each distinct image of the batch once for cross-attention, then share it across its texts
+        distinct, rows = image_index[p].unique(return_inverse=True)
+        image_kv = select_image_kv(model.qformer.image_kv(image_embeds[distinct]), rows)
+        logits = model.itm_logits(image_kv, t_ids[:, :width], t_mask[:, :width])
         out.append(logits[:, 1])
     return torch.cat(out)

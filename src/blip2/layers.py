@@ -54,17 +54,24 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
 
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``source`` (B, Lk, Dkv). → ((B, H, Lk, Dh), (B, H, Lk, Dh))"""
+        return self._heads(self.key(source)), self._heads(self.value(source))
+
     def forward(
         self,
         hidden: torch.Tensor,  # (B, Lq, D)
         mask: torch.Tensor | None = None,  # additive (B, 1, Lq, Lk) or None
-        context: torch.Tensor | None = None,  # (B, Lk, Dkv) for cross-attention
+        context: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, Lk, Dkv) or its (k, v)
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        source = hidden if context is None else context
+        """``context`` may be given as keys/values already projected by `project_kv`: cross-attention to the
+        same image from several passes (ITC, ITM, re-ranking many texts) then projects the image once."""
         q = self._heads(self.query(hidden))
-        k = self._heads(self.key(source))
-        v = self._heads(self.value(source))
+        if isinstance(context, tuple):
+            k, v = context
+        else:
+            k, v = self.project_kv(hidden if context is None else context)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)

@@ -23,7 +23,14 @@ from blip2.config import Blip2Config
 from blip2.fast_generate import expansion_factor, prefix_cached_generate
 from blip2.layers import KVCache
 from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
-from blip2.qformer import QFormer, bidirectional_mask, multimodal_causal_mask
+from blip2.qformer import (
+    ImageInput,
+    QFormer,
+    bidirectional_mask,
+    cat_image_kv,
+    image_batch_size,
+    multimodal_causal_mask,
+)
 from blip2.vision import build_vision_encoder
 
 
@@ -96,9 +103,9 @@ class _ImageQueryModel(nn.Module):
             image_features = self.image_features(pixel_values)
         return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
 
-    def query_output(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+    def query_output(self, image_embeds: ImageInput) -> tuple[torch.Tensor, KVCache]:
         """The queries after reading the image: (B, Q, D), plus their self-attention keys/values."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        queries = self.query_tokens.expand(image_batch_size(image_embeds), -1, -1)
         return self.qformer(query_embeds=queries, image_embeds=image_embeds)
 
     def gradient_checkpointing_enable(self) -> None:
@@ -137,7 +144,7 @@ class Blip2QFormer(_ImageQueryModel):
         _init_weights(self.itm_head)
 
     # ---------------------------------------------------------------- features
-    def image_embeddings(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+    def image_embeddings(self, image_embeds: ImageInput) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         """(normalised ITC features (B, Q, E), query output (B, Q, D), query keys/values)."""
         query_output, past = self.query_output(image_embeds)
         feats = F.normalize(self.vision_projection(query_output), dim=-1)
@@ -151,11 +158,11 @@ class Blip2QFormer(_ImageQueryModel):
         return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
 
     def multimodal_embeddings(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, image_embeds: ImageInput, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Query outputs of a joint pass with the text (bi-directional mask). → (B, Q, D)"""
         q = self.query_tokens.shape[1]
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        queries = self.query_tokens.expand(image_batch_size(image_embeds), -1, -1)
         hidden, _ = self.qformer(
             query_embeds=queries,
             input_ids=input_ids,
@@ -165,7 +172,7 @@ class Blip2QFormer(_ImageQueryModel):
         return hidden[:, :q]
 
     def itm_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, image_embeds: ImageInput, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """ITM head on each query output of the joint pass, averaged over queries. → (B, 2)"""
         return self.itm_head(self.multimodal_embeddings(image_embeds, input_ids, attention_mask)).mean(dim=1)
@@ -246,7 +253,8 @@ class Blip2QFormer(_ImageQueryModel):
             self.temp.clamp_(0.001, 0.5)
 
         # ITC: queries alone and text alone (the uni-modal mask, as two passes)
-        image_feats, _, query_past = self.image_embeddings(image_embeds)  # (B, Q, E)
+        image_kv = self.qformer.image_kv(image_embeds)  # cross-attention keys/values, shared by ITC and ITM
+        image_feats, _, query_past = self.image_embeddings(image_kv)  # (B, Q, E)
         text_feats = self.text_embeddings(input_ids, attention_mask)  # (B, E)
         loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp)
 
@@ -257,7 +265,8 @@ class Blip2QFormer(_ImageQueryModel):
         mask_all = losses.all_gather_padded(attention_mask, 0)
         neg_image = losses.sample_hard_negatives(sim_t2i.detach(), offset=rank * b, generator=generator)
         neg_text = losses.sample_hard_negatives(sim_i2t.detach(), offset=rank * b, generator=generator)
-        itm_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])  # (3B, P, Dv)
+        neg_kv = self.qformer.image_kv(image_embeds_all[neg_image])  # only the negatives need projecting
+        itm_images = cat_image_kv(image_kv, neg_kv, image_kv)  # images of [positives | neg image | neg text]
         width = ids_all.shape[1]  # this rank's texts padded to the global width
         own_ids = F.pad(input_ids, (0, width - input_ids.shape[1]), value=self.config.qformer.pad_token_id)
         own_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)

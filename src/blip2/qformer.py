@@ -19,6 +19,30 @@ from torch import nn
 from blip2.config import QFormerConfig
 from blip2.layers import Attention, FeedForward, KVCache, additive_mask
 
+# The image side of cross-attention: the features (B, P, Dv), or their keys/values per layer (None for
+# layers without cross-attention), as `QFormer.image_kv` computes them once for several passes.
+ImageInput = torch.Tensor | list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def image_batch_size(image: ImageInput) -> int:
+    if isinstance(image, torch.Tensor):
+        return image.shape[0]
+    return next(kv[0].shape[0] for kv in image if kv is not None)
+
+
+def select_image_kv(image_kv: list[tuple[torch.Tensor, torch.Tensor] | None], index: torch.Tensor) -> list:
+    """Rows ``index`` of per-layer image keys/values."""
+    return [None if kv is None else (kv[0][index], kv[1][index]) for kv in image_kv]
+
+
+def cat_image_kv(*parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> list:
+    """Concatenate per-layer image keys/values along the batch."""
+    return [
+        None if layer[0] is None else (torch.cat([kv[0] for kv in layer]), torch.cat([kv[1] for kv in layer]))
+        for layer in zip(*parts, strict=True)
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Self-attention masks (boolean, True = may attend), over the sequence [queries (Q) | text (T)].
 # --------------------------------------------------------------------------------------------------------
@@ -87,7 +111,7 @@ class QFormerLayer(nn.Module):
         hidden: torch.Tensor,  # (B, L, D), the first `num_queries` positions are queries
         mask: torch.Tensor | None,  # additive (B, 1, L, Lpast + L)
         num_queries: int,
-        image_embeds: torch.Tensor | None,  # (B, P, Dv)
+        image: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,  # (B, P, Dv) or this layer's (k, v)
         image_mask: torch.Tensor | None,  # additive (B, 1, Q, P) or None
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -96,9 +120,9 @@ class QFormerLayer(nn.Module):
         if num_queries > 0:
             queries = attn[:, :num_queries]
             if self.cross_attn is not None:
-                if image_embeds is None:
+                if image is None:
                     raise ValueError("image features are needed for the queries' cross-attention")
-                queries, _ = self.cross_attn(queries, image_mask, context=image_embeds)
+                queries, _ = self.cross_attn(queries, image_mask, context=image)
             parts.append(self.ffn_query(queries))
         if attn.shape[1] > num_queries:
             if self.ffn_text is None:
@@ -140,7 +164,7 @@ class QFormer(nn.Module):
         query_embeds: torch.Tensor | None = None,  # (B, Q, D)
         input_ids: torch.Tensor | None = None,  # (B, T)
         allowed: torch.Tensor | None = None,  # boolean (B, L, Lpast + L) or None (all allowed)
-        image_embeds: torch.Tensor | None = None,  # (B, P, Dv)
+        image_embeds: ImageInput | None = None,  # (B, P, Dv), or per-layer keys/values from `image_kv`
         image_attention_mask: torch.Tensor | None = None,  # (B, P) of 1/0, None = all real
         past: KVCache | None = None,
         text_position_offset: int = 0,
@@ -169,14 +193,23 @@ class QFormer(nn.Module):
         new_past: KVCache = []
         for i, layer in enumerate(self.layers):
             layer_past = past[i] if past is not None else None
+            image = image_embeds[i] if isinstance(image_embeds, list) else image_embeds
             if self.gradient_checkpointing and self.training:
                 hidden, kv = torch.utils.checkpoint.checkpoint(
-                    layer, hidden, mask, num_queries, image_embeds, image_mask, layer_past, use_reentrant=False
+                    layer, hidden, mask, num_queries, image, image_mask, layer_past, use_reentrant=False
                 )
             else:
-                hidden, kv = layer(hidden, mask, num_queries, image_embeds, image_mask, layer_past)
+                hidden, kv = layer(hidden, mask, num_queries, image, image_mask, layer_past)
             new_past.append(kv)
         return hidden, new_past
+
+    def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Cross-attention keys/values of the image features for every layer (None where a layer has no
+        cross-attention). Several passes over the same images (ITC and ITM in stage 1, ITM re-ranking of many
+        texts) share them instead of projecting the image again each time."""
+        return [
+            None if layer.cross_attn is None else layer.cross_attn.project_kv(image_embeds) for layer in self.layers
+        ]
 
     def lm_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
         """ITG logits over the BERT vocabulary for text hidden states (B, T, D) → (B, T, V)."""
