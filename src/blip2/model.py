@@ -55,6 +55,13 @@ def _init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _text_mask(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention mask of ``input_ids`` (all ones when not given); text is required."""
+    if input_ids is None:
+        raise ValueError("input_ids (the tokenised texts) are required")
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+
 class _ImageQueryModel(nn.Module):
     """Frozen image encoder + ln_vision + learned queries + Q-Former (the part both stages share)."""
 
@@ -187,10 +194,9 @@ class Blip2QFormer(_ImageQueryModel):
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image-text similarity (max over queries, no temperature). → (B_img, B_txt)"""
-        assert input_ids is not None
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        attention_mask = _text_mask(input_ids, attention_mask)
         feats, _, _ = self.image_embeddings(self.encode_image(pixel_values, image_features))
-        return losses.itc_similarities(feats, self.text_embeddings(input_ids, attention_mask))[0]
+        return losses.itc_similarities(feats, self.text_embeddings(input_ids, attention_mask))[0]  # type: ignore[arg-type]
 
     @torch.no_grad()
     def forward_itm(
@@ -201,8 +207,7 @@ class Blip2QFormer(_ImageQueryModel):
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image-text matching logits for aligned (image, text) pairs. → (B, 2)"""
-        assert input_ids is not None
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        attention_mask = _text_mask(input_ids, attention_mask)
         return self.itm_logits(self.encode_image(pixel_values, image_features), input_ids, attention_mask)
 
     def caption(
