@@ -71,3 +71,15 @@ def make_hf_retrieval_model(config: Blip2Config, directory: Path, seed: int = 0)
     randomize(model, seed)
     model.save_pretrained(directory)
     return model
+
+
+def left_padded_ids(q: int, image_token: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of different lengths, left-padded: [pad pad <img>*q text] and [<img>*q text]."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 90, (2, 7), generator=g)
+    prefix = torch.full((2, q), image_token) if image_token is not None else torch.empty(2, 0, dtype=torch.long)
+    ids = torch.cat([prefix, text], dim=1)
+    mask = torch.ones_like(ids)
+    ids[0] = torch.cat([torch.tensor([1, 1]), ids[0, :-2]])
+    mask[0, :2] = 0
+    return ids, mask

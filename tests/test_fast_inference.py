@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_reference import make_hf_generation_model
+from hf_reference import left_padded_ids, make_hf_generation_model
 
 from blip2 import fast_generate
 from blip2.config import tiny_config
@@ -26,18 +26,6 @@ QUESTIONS = [
     "where is the star ?",
     "what shape is on top ?",
 ]
-
-
-def _left_padded(q: int, image_token: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two prompts of different lengths, left-padded: [pad pad <img>*q text] and [<img>*q text]."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, 90, (2, 7), generator=g)
-    prefix = torch.full((2, q), image_token) if image_token is not None else torch.empty(2, 0, dtype=torch.long)
-    ids = torch.cat([prefix, text], dim=1)
-    mask = torch.ones_like(ids)
-    ids[0] = torch.cat([torch.tensor([1, 1]), ids[0, :-2]])
-    mask[0, :2] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def test_prefix_cache_same_tokens_as_plain_and_transformers(
     hf_and_ours: tuple[Any, Blip2], pixels: torch.Tensor, gen: dict[str, Any]
 ) -> None:
     hf, ours = hf_and_ours
-    ids, mask = _left_padded(4, ours.config.llm.image_token_index)
+    ids, mask = left_padded_ids(4, ours.config.llm.image_token_index)
     seen, handle = _count_llm_rows(ours)
     try:
         fast = ours.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **gen)
@@ -105,7 +93,7 @@ def test_prefix_cache_prepended_visual_prompt(pixels: torch.Tensor) -> None:
     cfg.llm.image_token_index = None
     torch.manual_seed(0)
     model = Blip2(cfg).eval()
-    ids, mask = _left_padded(4, None)
+    ids, mask = left_padded_ids(4, None)
     for gen in GENERATIONS[:3]:
         fast = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **gen)
         plain = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, prefix_cache=False, **gen)
@@ -118,7 +106,7 @@ def test_options_that_read_prompt_ids_use_the_plain_path(hf_and_ours: tuple[Any,
     assert fast_generate.expansion_factor(ours.language_model, {"max_new_tokens": 5, "num_beams": 3}) == 3
     assert fast_generate.expansion_factor(ours.language_model, {"max_new_tokens": 5, "repetition_penalty": 1.3}) is None
     assert fast_generate.expansion_factor(ours.language_model, {"num_beams": 3}) is None  # no max_new_tokens
-    ids, mask = _left_padded(4, ours.config.llm.image_token_index)
+    ids, mask = left_padded_ids(4, ours.config.llm.image_token_index)
     gen = {"num_beams": 3, "max_new_tokens": 6, "repetition_penalty": 1.3}
     a = ours.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **gen)
     b = ours.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, prefix_cache=False, **gen)
@@ -189,7 +177,7 @@ def test_prepacked_linears_same_tokens(tmp_path: Path, pixels: torch.Tensor) -> 
     packed = Blip2.from_pretrained(tmp_path).eval()
     assert fast_generate.optimize_for_cpu_inference(packed) > 0
     assert not any(type(m) is torch.nn.Linear for m in packed.language_model.modules())
-    ids, mask = _left_padded(4, cfg.llm.image_token_index)
+    ids, mask = left_padded_ids(4, cfg.llm.image_token_index)
     with torch.no_grad():
         a = plain(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
         b = packed(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits

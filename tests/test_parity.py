@@ -6,24 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import make_hf_generation_model, make_hf_retrieval_model
+from hf_reference import left_padded_ids, make_hf_generation_model, make_hf_retrieval_model
 
 from blip2.checkpoints import lavis_to_ours, ours_to_lavis
 from blip2.config import from_name, tiny_config
 from blip2.model import Blip2, Blip2QFormer
 
 COMBOS = [(4, 2), (6, 1), (3, 3)]  # (num_query_tokens, cross_attention_frequency)
-
-
-def _left_padded(q: int, image_token: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two rows: [pad pad <img>*q text...] and [<img>*q text...] (placeholders after the left padding)."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, 90, (2, 7), generator=g)
-    ids = torch.cat([torch.full((2, q), image_token), text], dim=1)
-    mask = torch.ones_like(ids)
-    ids[0] = torch.cat([torch.tensor([1, 1]), ids[0, :-2]])
-    mask[0, :2] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +26,7 @@ def test_generation_model_parity(tmp_path: Path, pixels: torch.Tensor, llm: str,
     cfg = tiny_config(llm, num_query_tokens=num_queries, cross_attention_frequency=freq, qformer_layers=3)
     hf = make_hf_generation_model(cfg, tmp_path, seed=num_queries)
     ours = Blip2.from_pretrained(tmp_path).eval()
-    ids, mask = _left_padded(num_queries, cfg.llm.image_token_index)
+    ids, mask = left_padded_ids(num_queries, cfg.llm.image_token_index)
     kwargs = {}
     if llm == "t5":
         kwargs["decoder_input_ids"] = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -76,7 +65,7 @@ def test_prepending_equals_placeholders(tmp_path: Path, pixels: torch.Tensor) ->
     make_hf_generation_model(cfg, tmp_path)
     ours = Blip2.from_pretrained(tmp_path).eval()
     q = cfg.num_query_tokens
-    ids, mask = _left_padded(q, cfg.llm.image_token_index)
+    ids, mask = left_padded_ids(q, cfg.llm.image_token_index)
     text_ids, text_mask = ids[1:, q:], mask[1:, q:]  # the unpadded row, without its placeholders
     with torch.no_grad():
         placeholder = ours(pixel_values=pixels[1:], input_ids=ids[1:], attention_mask=mask[1:]).logits[:, q:]
@@ -92,7 +81,7 @@ def test_target_only_logits_loss_equals_full(tmp_path: Path, pixels: torch.Tenso
     cfg = tiny_config("opt")
     make_hf_generation_model(cfg, tmp_path)
     ours = Blip2.from_pretrained(tmp_path).eval()
-    ids, mask = _left_padded(cfg.num_query_tokens, cfg.llm.image_token_index)
+    ids, mask = left_padded_ids(cfg.num_query_tokens, cfg.llm.image_token_index)
     labels = ids.masked_fill((ids == cfg.llm.image_token_index) | (mask == 0), -100)
     fast = ours(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels)
     full = ours(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels, full_logits=True)
@@ -139,7 +128,7 @@ def test_lavis_state_dict_round_trip(tmp_path: Path, pixels: torch.Tensor, llm: 
     assert any(k.endswith("attn.q_bias") for k in lavis) and f"{llm}_proj.weight" in lavis
     torch.save(lavis, tmp_path / "lavis.pth")
     from_lavis = Blip2.from_pretrained(tmp_path / "lavis.pth", config=from_hf.config).eval()
-    ids, mask = _left_padded(cfg.num_query_tokens, cfg.llm.image_token_index)
+    ids, mask = left_padded_ids(cfg.num_query_tokens, cfg.llm.image_token_index)
     kwargs = {"decoder_input_ids": ids[:, :4]} if llm == "t5" else {}
     with torch.no_grad():
         a = from_hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kwargs).logits
@@ -225,7 +214,7 @@ def test_hub_id_goes_through_snapshot_download(tmp_path: Path, pixels: torch.Ten
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = Blip2.from_pretrained("Salesforce/blip2-opt-2.7b").eval()
     assert calls and calls[0][0] == "Salesforce/blip2-opt-2.7b" and "*.safetensors" in calls[0][1]
-    ids, mask = _left_padded(cfg.num_query_tokens, cfg.llm.image_token_index)
+    ids, mask = left_padded_ids(cfg.num_query_tokens, cfg.llm.image_token_index)
     with torch.no_grad():
         torch.testing.assert_close(
             model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits,
