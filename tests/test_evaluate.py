@@ -255,3 +255,59 @@ def test_loaders_name_the_problem(tmp_path: Path) -> None:
         load_coco_captions(bad)
     with pytest.raises(ValueError, match="could not read"):
         load_coco_captions(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------------------------ run_eval
+
+
+def test_postprocess_answer_normalises_then_cuts() -> None:
+    from blip2.evaluate import postprocess_answer
+
+    assert postprocess_answer(" Two.\n\nQuestion: next") == "2"
+    assert postprocess_answer("a red circle", words=1) == "red"
+    assert postprocess_answer("on the left", words=0) == "on left"
+    assert postprocess_answer("", words=1) == ""
+
+
+def test_image_path_by_id(tmp_path: Path) -> None:
+    from blip2.evaluate import _image_path
+
+    (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"")
+    (tmp_path / "7.png").write_bytes(b"")
+    assert _image_path(tmp_path, 42, {}).endswith("COCO_val2014_000000000042.jpg")
+    assert _image_path(tmp_path, 7, {}).endswith("7.png")
+    assert _image_path(tmp_path, 9, {9: "x.jpg"}) == "x.jpg"
+    with pytest.raises(FileNotFoundError, match="image id 5"):
+        _image_path(tmp_path, 5, {})
+
+
+def test_run_eval_with_coco_files_and_tiny_models(tmp_path: Path) -> None:
+    """The same code path evaluates real datasets: COCO caption and VQA files plus an image folder."""
+    from blip2.evaluate import run_eval
+    from blip2.testing import make_tiny_model
+
+    split = write_split(tmp_path, "test", 3, seed=1, image_size=32)
+    result = run_eval(
+        model=make_tiny_model(llm="opt"),
+        retrieval_model=make_tiny_model(llm=None),
+        coco_captions=split / "captions_coco.json",
+        vqa_questions=split / "vqa_questions.json",
+        vqa_annotations=split / "vqa_annotations.json",
+        images=split,
+        caption_generation={"num_beams": 1, "max_new_tokens": 3},
+        vqa_generation={"num_beams": 1, "max_new_tokens": 2},
+        retrieval_k=2,
+        progress=False,
+    )
+    assert result["retrieval"]["n_images"] == 3 and result["retrieval"]["n_texts"] == 15
+    assert 0.0 <= result["retrieval"]["i2t_r1"] <= 1.0
+    assert result["captions"]["n_images"] == 3 and "predictions" not in result["captions"]
+    assert result["vqa"]["n_questions"] > 3 and set(result["vqa"]["per_type"]) <= {
+        "color",
+        "shape",
+        "count",
+        "exists",
+        "position",
+    }
+    with pytest.raises(ValueError, match="both"):
+        run_eval(vqa_questions=split / "vqa_questions.json", images=split)

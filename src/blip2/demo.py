@@ -36,7 +36,7 @@ import yaml
 
 from blip2.config import Blip2Config, QFormerConfig, small_vit, tiny_config
 
-DEMO_VERSION = 1  # part of every cache key: bump when the pipeline changes what a cached step holds
+DEMO_VERSION = 2  # part of every cache key: bump when the pipeline changes what a cached step holds
 
 
 @dataclass
@@ -63,14 +63,17 @@ class DemoSettings:
     vit_width: int = 192
     vit_layers: int = 4
     vit_heads: int = 3
-    vision_init: str = "random"  # "random": seeded random init, frozen (see README: chosen by measurement)
+    vision_init: str = "contrastive"  # "random": seeded random init, frozen; "contrastive": CLIP-pretrained first
+    vit_pretrain: StageSettings = field(default_factory=lambda: StageSettings(steps=200, batch_size=64, lr=1e-3))
     # Q-Former (MiniLM-L6 sizes unless tiny) and queries
-    num_query_tokens: int = 16
+    num_query_tokens: int = 8
     cross_attention_frequency: int = 2
+    qformer_dropout: float = 0.0  # MiniLM's 0.1 is for long training; one epoch does not overfit
     tiny: bool = False  # quick mode: tiny random Q-Former and LLM with word-level tokenizers
-    stage1: StageSettings = field(default_factory=lambda: StageSettings(steps=300, batch_size=24, lr=1e-4))
-    stage2: StageSettings = field(default_factory=lambda: StageSettings(steps=80, batch_size=8, lr=5e-4))
+    stage1: StageSettings = field(default_factory=lambda: StageSettings(steps=300, batch_size=16, lr=3e-4))
+    stage2: StageSettings = field(default_factory=lambda: StageSettings(steps=100, batch_size=8, lr=1e-3))
     max_text_tokens: int = 48
+    stage2_train_qformer: bool = True  # False: stage 2 trains the projection only (Q-Former kept from stage 1)
     stage2_captions: str = "detailed"  # "detailed": one caption naming count, size, color, shape, position
     caption_prompt: str = ""  # text the caption continues in stage 2 and at inference (e.g. "a photo of")
     # evaluation
@@ -83,6 +86,7 @@ class DemoSettings:
     )
     answer_words: int = 1  # keep the first word of each normalised answer (0: keep all)
     retrieval_k: int = 8
+    eval_batch_size: int = 32
     caption_metrics: list[str] = field(default_factory=lambda: ["BLEU", "CIDEr"])
     n_report: int = 8
 
@@ -93,7 +97,7 @@ class DemoSettings:
         if unknown:
             raise ValueError(f"unknown demo settings {sorted(unknown)}; known: {sorted(names)}")
         values = dict(values)
-        for key in ("stage1", "stage2"):
+        for key in ("stage1", "stage2", "vit_pretrain"):
             if isinstance(values.get(key), dict):
                 values[key] = StageSettings(**values[key])
         return cls(**values)
@@ -148,6 +152,8 @@ def demo_config(settings: DemoSettings | None = None, with_llm: bool = True) -> 
             num_query_tokens=s.num_query_tokens,
             encoder_hidden_size=s.vit_width,
             cross_attention_frequency=s.cross_attention_frequency,
+            hidden_dropout_prob=s.qformer_dropout,
+            attention_probs_dropout_prob=s.qformer_dropout,
         )
         llm = gemma3_llm_config() if with_llm else None
     assert isinstance(qformer, QFormerConfig)
@@ -199,10 +205,14 @@ def cache_keys(s: DemoSettings) -> dict[str, str]:
     d = s.to_dict()
     data = _hash("data", s.seed, s.n_train, s.n_test, s.render_size)
     vision = ("vision", s.image_size, s.patch_size, s.vit_width, s.vit_layers, s.vit_heads, s.vision_init, s.tiny)
+    if s.vision_init != "random":
+        vision += (d["vit_pretrain"],)
     features = _hash(data, vision, s.seed)
-    stage1 = _hash(features, "stage1", d["stage1"], s.num_query_tokens, s.cross_attention_frequency, s.max_text_tokens)
-    stage2 = _hash(stage1, "stage2", d["stage2"], s.stage2_captions, s.caption_prompt)
+    qformer = (s.num_query_tokens, s.cross_attention_frequency, s.qformer_dropout, s.max_text_tokens)
+    stage1 = _hash(features, "stage1", d["stage1"], qformer)
+    stage2 = _hash(stage1, "stage2", d["stage2"], s.stage2_captions, s.caption_prompt, s.stage2_train_qformer)
     keys = ("caption_generation", "vqa_template", "vqa_generation", "answer_words", "retrieval_k", "caption_metrics")
+    keys += ("eval_batch_size",)
     evaluation = _hash(stage2, "eval", {k: d[k] for k in keys})
     return {"data": data, "features": features, "stage1": stage1, "stage2": stage2, "eval": evaluation}
 

@@ -66,17 +66,20 @@ class Pipeline:
 
         def build(tmp: Path) -> dict[str, Any]:
             config = demo_config(s, with_llm=False).vision
-            if s.vision_init != "random":
-                raise ValueError(f"vision_init must be 'random', got {s.vision_init!r}")
+            if s.vision_init not in ("random", "contrastive"):
+                raise ValueError(f"vision_init must be 'random' or 'contrastive', got {s.vision_init!r}")
             torch.manual_seed(s.seed)
             vit = build_vision_encoder(config)  # seeded random init, frozen
-            save_tensors(tmp / "vit.safetensors", vit.state_dict())
             processor = ImageProcessor.from_vision_config(config)
+            extra: dict[str, Any] = {}
+            if s.vision_init == "contrastive":
+                extra["contrastive_losses"] = self._pretrain_vit(vit, processor, data_dir)
+            save_tensors(tmp / "vit.safetensors", vit.state_dict())
             for split in ("train", "test"):
                 rows = read_scene_split(data_dir / split)
                 feats = extract_image_features(vit, processor, [r["image"] for r in rows])  # (N, P, Dv)
                 save_tensors(tmp / f"{split}.safetensors", {"features": feats})
-            return {"shape_per_image": list(feats.shape[1:])}
+            return {"shape_per_image": list(feats.shape[1:]), **extra}
 
         directory = ensure_cached_dir(
             self.cache / f"features-{self.keys['features']}", build, expect={"config_hash": self.keys["features"]}
@@ -86,6 +89,27 @@ class Pipeline:
             "train": load_tensors(directory / "train.safetensors")["features"],
             "train_rows": read_scene_split(data_dir / "train"),
         }
+
+    def _pretrain_vit(self, vit: torch.nn.Module, processor: Any, data_dir: Path) -> list[float]:
+        from blip2.data.images import load_image
+        from blip2.demo_vit import pretrain_vit_contrastive
+
+        rows = read_scene_split(data_dir / "train")
+        pixels = processor([load_image(r["image"]) for r in rows])  # (N, 3, H, W)
+        st = self.s.vit_pretrain
+        losses = pretrain_vit_contrastive(
+            vit,
+            pixels,
+            [r["captions"] for r in rows],
+            st.steps,
+            st.batch_size,
+            lr=st.lr,
+            warmup_steps=st.warmup_steps,
+            min_lr=st.lr * st.min_lr_ratio,
+            weight_decay=st.weight_decay,
+            seed=self.s.seed,
+        )
+        return [round(x, 4) for x in losses]
 
     # ---------------------------------------------------------------------------------------- stage 1
     def stage1(self, features: dict[str, Any]) -> Blip2QFormer:
@@ -138,6 +162,7 @@ class Pipeline:
             answer_words=s.answer_words,
             retrieval_k=s.retrieval_k,
             caption_metric_names=s.caption_metrics,
+            batch_size=s.eval_batch_size,
             keep_predictions=True,
         )
         self.cache.mkdir(parents=True, exist_ok=True)

@@ -206,6 +206,10 @@ def build_stage2_model(settings: DemoSettings, stage1: Blip2QFormer) -> Blip2:
     if missing:
         raise RuntimeError(f"the stage-1 model lacks image-side weights the stage-2 model needs: {missing[:5]}")
     model.load_state_dict(image_side, strict=False)
+    if not settings.stage2_train_qformer:
+        for name, param in model.named_parameters():
+            if not name.startswith("language_projection."):
+                param.requires_grad_(False)
     model.tokenizer = load_llm_tokenizer(settings, config)
     return model
 
