@@ -103,3 +103,27 @@ def test_detailed_caption_names_everything() -> None:
     ]
     expected = "two shapes: a small red circle on the left and a large blue square on the right"
     assert detailed_caption(objects) == expected
+
+
+def test_visual_prompt_after_bos_places_placeholders_after_bos() -> None:
+    """The demo's Gemma layout: [bos][visual prompt][text], in training and in generation alike."""
+    import torch
+
+    from blip2.inference import llm_prompt_ids, with_placeholders
+    from blip2.testing import make_tiny_model
+
+    model = make_tiny_model(llm="opt")
+    model.config.llm.image_token_index = 98
+    q, bos = model.config.num_query_tokens, model.language_model.config.bos_token_id
+    assert with_placeholders(model, [bos, 5, 6]) == [98] * q + [bos, 5, 6]  # default: BLIP-2/OPT order
+    model.config.llm.visual_prompt_after_bos = True
+    assert with_placeholders(model, [bos, 5, 6]) == [bos] + [98] * q + [5, 6]
+    assert with_placeholders(model, [5, 6]) == [98] * q + [5, 6]  # no BOS: placeholders in front
+    ids, _ = llm_prompt_ids(model, ["what color"])  # this tokenizer adds no BOS: placeholders first
+    assert ids[0, :q].tolist() == [98] * q
+
+    seen: list[torch.Tensor] = []
+    splice = model._llm_inputs
+    model._llm_inputs = lambda prompt, input_ids, mask: (seen.append(input_ids), splice(prompt, input_ids, mask))[1]
+    model.generate(image_features=torch.randn(1, 17, 32), max_new_tokens=1, num_beams=1)
+    assert seen[0][0].tolist() == [bos] + [98] * q  # generation starts from [bos][visual prompt]

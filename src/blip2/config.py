@@ -83,6 +83,9 @@ class LLMConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     model_id: str | None = None  # where the pretrained weights/tokenizer come from (hub id or directory)
     image_token_index: int | None = None  # placeholder token id used by the current hub configs
+    # Where the placeholders go in a prompt that starts with BOS: before it (False, as BLIP-2's OPT checkpoints)
+    # or right after it (True: LLMs like Gemma treat BOS as the start of the document and ignore what precedes it).
+    visual_prompt_after_bos: bool = False
 
     @property
     def hidden_size(self) -> int:

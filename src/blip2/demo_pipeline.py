@@ -134,8 +134,7 @@ class Pipeline:
         model = build_stage2_model(s, stage1)
         if not is_done(run_dir, key):
             dataset = FeatureCaptionDataset(features["train"], stage2_captions(s, features["train_rows"]), s.seed)
-            bos = getattr(model.language_model.config, "bos_token_id", None)
-            collate = Stage2Collator(model.tokenizer, bos, s.caption_prompt, s.max_text_tokens)
+            collate = Stage2Collator(model.tokenizer, model, s.caption_prompt, s.max_text_tokens)
             last = train_stage(model, dataset, collate, s.stage2, run_dir, s.seed + 1, self.log_every)
             torch.save(trainable_weights(model), run_dir / "trainable.pt")
             mark_done(run_dir, key, {"last_metrics": last})

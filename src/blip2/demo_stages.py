@@ -121,13 +121,17 @@ class Stage1Collator:
 class Stage2Collator:
     """Features + LLM token ids ``[bos] prompt caption [eos]`` (right-padded), labels on caption + eos only.
 
-    The visual prompt is prepended by the model, so at inference the LLM sees exactly what it saw here:
-    queries, then ``[bos]``, then (optionally) the caption prompt.
+    The image's visual prompt goes where `blip2.inference.with_placeholders` puts it at inference (prepended
+    by the model, or at placeholder ids after BOS), so the LLM sees in training exactly what it sees when it
+    captions or answers.
     """
 
-    def __init__(self, tokenizer: Any, bos_token_id: int | None, prompt: str, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, model: Blip2, prompt: str, max_length: int) -> None:
+        from blip2.inference import with_placeholders
+
         self.tokenizer = tokenizer
-        self.bos = [bos_token_id] if bos_token_id is not None else []
+        bos_token_id = getattr(model.language_model.config, "bos_token_id", None)
+        self.bos = with_placeholders(model, [bos_token_id] if bos_token_id is not None else [])
         self.prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         self.space = " " if prompt else ""
         self.max_length = max_length

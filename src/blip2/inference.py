@@ -62,9 +62,7 @@ def llm_prompt_ids(model: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, to
     → (input_ids (B, L), attention_mask (B, L))
     """
     tok = _tokenizer(model)
-    llm = model.config.llm
-    placeholders = [llm.image_token_index] * model.config.num_query_tokens if llm.image_token_index is not None else []
-    rows = [placeholders + tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    rows = [with_placeholders(model, tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     if model.is_encoder_decoder:  # T5: no BOS; the tokenizer appends EOS, as the official processor does
         pass
     width = max(len(r) for r in rows)
@@ -75,6 +73,19 @@ def llm_prompt_ids(model: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, to
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
     return ids.to(model.device), mask.to(model.device)
+
+
+def with_placeholders(model: Any, ids: list[int]) -> list[int]:
+    """A tokenised prompt with the Q image placeholders inserted (when the config uses placeholders): in
+    front, or right after a leading BOS with ``LLMConfig.visual_prompt_after_bos``."""
+    llm = model.config.llm
+    if llm.image_token_index is None:
+        return list(ids)
+    placeholders = [llm.image_token_index] * model.config.num_query_tokens
+    bos = getattr(model.language_model.config, "bos_token_id", None)
+    if llm.visual_prompt_after_bos and bos is not None and ids[:1] == [bos]:
+        return [bos, *placeholders, *ids[1:]]
+    return [*placeholders, *ids]
 
 
 def _decode(model: Any, generated: torch.Tensor, prompt_len: int) -> list[str]:
@@ -185,10 +196,7 @@ def _answer_shared_prefix(
         return None
     n = common_prefix_length(texts)
     images, local = torch.unique(rows, return_inverse=True)  # the distinct images of this batch
-    q = model.config.num_query_tokens
-    image_token = model.config.llm.image_token_index
-    placeholders = [image_token] * q if image_token is not None else []
-    common = torch.tensor([placeholders + texts[0][:n]], dtype=torch.long, device=visual.device)
+    common = torch.tensor([with_placeholders(model, texts[0][:n])], dtype=torch.long, device=visual.device)
     common = common.repeat(images.shape[0], 1)
     prefix_embeds, _, offset = model._llm_inputs(visual[images], common, None)  # (N, P, H)
     prefix_ids = [0] * offset + common[0].tolist()  # stand-ins at prepended positions (never embedded)

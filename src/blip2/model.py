@@ -430,7 +430,8 @@ class Blip2(_ImageQueryModel):
 
         As transformers does: decoder-only models return the prompt ``input_ids`` followed by the new
         tokens; encoder-decoder models return the decoder's tokens. Without ``input_ids`` the prompt is
-        the visual prompt followed by BOS (decoder-only) or the visual prompt alone (encoder-decoder).
+        the visual prompt followed by BOS (decoder-only; BOS first with ``LLMConfig.visual_prompt_after_bos``)
+        or the visual prompt alone (encoder-decoder).
         ``visual_prompt`` (B, Q, H) may be given instead of the image, when it was computed once and reused.
         ``prefix_cache`` (decoder-only): run the prompt through the LLM once per row and copy its cache to the
         beams instead of running it once per beam (`blip2.fast_generate`; same tokens, less work).
@@ -445,7 +446,7 @@ class Blip2(_ImageQueryModel):
                 start = [llm_cfg.image_token_index] * q
             bos = getattr(self.language_model.config, "bos_token_id", None)
             if not self.is_encoder_decoder and bos is not None:
-                start.append(bos)
+                start = [bos, *start] if llm_cfg.visual_prompt_after_bos else [*start, bos]
             if not start:  # encoder-decoder with prepending and no prompt: the encoder sees the queries only
                 embeds = prompt.to(self.language_model.get_input_embeddings().weight.dtype)
                 mask = torch.ones(b, q, dtype=torch.long, device=prompt.device)
