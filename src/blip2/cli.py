@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", default=None, help="caption metrics (default BLEU CIDEr; METEOR, SPICE)")
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--vqa-caption-context", action="store_true", help="also answer after the model's own caption")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="HTTP API and web page")

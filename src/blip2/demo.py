@@ -71,8 +71,8 @@ class DemoSettings:
     cross_attention_frequency: int = 2
     qformer_dropout: float = 0.0  # MiniLM's 0.1 is for long training; one epoch does not overfit
     tiny: bool = False  # quick mode: tiny random Q-Former and LLM with word-level tokenizers
-    stage1: StageSettings = field(default_factory=lambda: StageSettings(steps=300, batch_size=16, lr=3e-4))
-    stage2: StageSettings = field(default_factory=lambda: StageSettings(steps=100, batch_size=8, lr=1e-3))
+    stage1: StageSettings = field(default_factory=lambda: StageSettings(steps=250, batch_size=16, lr=3e-4))
+    stage2: StageSettings = field(default_factory=lambda: StageSettings(steps=150, batch_size=8, lr=1e-3))
     max_text_tokens: int = 48
     stage2_train_qformer: bool = True  # False: stage 2 trains the projection only (Q-Former kept from stage 1)
     stage2_captions: str = "detailed"  # "detailed": one caption naming count, size, color, shape, position
@@ -86,6 +86,7 @@ class DemoSettings:
         default_factory=lambda: {"num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1}
     )
     answer_words: int = 1  # keep the first word of each normalised answer (0: keep all)
+    vqa_caption_context: bool = True  # also report VQA with the model's own caption written before the question
     retrieval_k: int = 8
     eval_batch_size: int = 32
     caption_metrics: list[str] = field(default_factory=lambda: ["BLEU", "CIDEr"])
@@ -217,7 +218,7 @@ def cache_keys(s: DemoSettings) -> dict[str, str]:
     stage1 = _hash(features, "stage1", d["stage1"], qformer)
     stage2 = _hash(stage1, "stage2", d["stage2"], s.stage2_captions, s.caption_prompt, s.stage2_train_qformer)
     keys = ("caption_generation", "vqa_template", "vqa_generation", "answer_words", "retrieval_k", "caption_metrics")
-    keys += ("eval_batch_size",)
+    keys += ("eval_batch_size", "vqa_caption_context")
     evaluation = _hash(stage2, "eval", {k: d[k] for k in keys})
     return {"data": data, "features": features, "stage1": stage1, "stage2": stage2, "eval": evaluation}
 

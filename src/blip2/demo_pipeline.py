@@ -163,6 +163,7 @@ class Pipeline:
             caption_metric_names=s.caption_metrics,
             batch_size=s.eval_batch_size,
             keep_predictions=True,
+            vqa_caption_context=s.vqa_caption_context,
         )
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -211,6 +212,7 @@ class Pipeline:
             "retrieval": results.get("retrieval"),
             "captions": results.get("captions"),
             "vqa": results.get("vqa"),
+            "vqa_with_caption": results.get("vqa_with_caption"),
             "training": training,
             "settings": self.s.to_dict(),
             "cache_keys": self.keys,
@@ -239,4 +241,6 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "BLEU-4": captions.get("BLEU-4"),
         "vqa_overall": vqa.get("overall"),
         "vqa_per_type": vqa.get("per_type"),
+        "vqa_with_caption_overall": (results.get("vqa_with_caption") or {}).get("overall"),
+        "vqa_with_caption_per_type": (results.get("vqa_with_caption") or {}).get("per_type"),
     }

@@ -675,19 +675,31 @@ def eval_vqa(
     answer_words: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    context: Mapping[Any, str] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot VQA: answer every question with ``model.answer`` and score with the VQA accuracy, per question
-    type and answer type. Returns the report plus ``predictions`` and ``raw_answers`` (question id → text)."""
+    type and answer type. Returns the report plus ``predictions`` and ``raw_answers`` (question id → text).
+
+    ``context`` (image id → text, e.g. the model's own caption of that image) is put before the template, so
+    the LLM reads the question after a description of the image in words as well as the visual prompt.
+    """
     qids = [q for q in annotations if q in questions]
     qids.sort(key=lambda q: (str(questions[q]["image_id"]), str(q)))  # one image's questions share a batch
+    groups: list[tuple[str, list[Any]]] = []  # (template, question ids) in order
+    for q in qids:
+        image_id = questions[q]["image_id"]
+        tpl = template
+        if context is not None:
+            tpl = context[image_id].replace("{", "{{").replace("}", "}}").rstrip(". ") + ". " + template
+        if not groups or groups[-1][0] != tpl or len(groups[-1][1]) >= 8 * batch_size:
+            groups.append((tpl, []))
+        groups[-1][1].append(q)
     raw: dict[Any, str] = {}
-    chunk = 8 * batch_size
-    for start in _progress(range(0, len(qids), chunk), "questions", progress):
-        part = qids[start : start + chunk]
+    for tpl, part in _progress(groups, "questions", progress):
         answers = model.answer(
             [paths[questions[q]["image_id"]] for q in part],
             [questions[q]["question"] for q in part],
-            prompt_template=template,
+            prompt_template=tpl,
             batch_size=batch_size,
             **(generation or {}),
         )
@@ -695,6 +707,7 @@ def eval_vqa(
     predictions = {q: postprocess_answer(a, answer_words) for q, a in raw.items()}
     report = vqa_report(predictions, {q: annotations[q] for q in qids})
     report.update({"template": template, "answer_words": answer_words, "predictions": predictions, "raw_answers": raw})
+    report["context"] = "caption" if context is not None else None
     return report
 
 
@@ -717,6 +730,7 @@ def run_eval(
     max_images: int | None = None,
     keep_predictions: bool = False,
     progress: bool = True,
+    vqa_caption_context: bool = False,
 ) -> dict[str, Any]:
     """Evaluate loaded models on a scenes split (``scenes``) or on COCO-format files with an image folder.
 
@@ -724,7 +738,8 @@ def run_eval(
     runs when its model and data are there: retrieval and captions need captions (the scenes or
     ``coco_captions``), VQA needs questions and annotations. ``max_images`` keeps the first N images (and
     their questions). Returns {"retrieval", "captions", "vqa"} (absent parts are None); per-item predictions
-    are dropped unless ``keep_predictions``.
+    are dropped unless ``keep_predictions``. ``vqa_caption_context`` also answers every question a second
+    time with the model's own caption of the image written before the question (``vqa_with_caption``).
     """
     paths: dict[Any, str] = {}
     references: dict[Any, list[str]] | None = None
@@ -754,7 +769,7 @@ def run_eval(
         image_ids = image_ids[:max_images]
     kept = set(image_ids)
 
-    result: dict[str, Any] = {"retrieval": None, "captions": None, "vqa": None}
+    result: dict[str, Any] = {"retrieval": None, "captions": None, "vqa": None, "vqa_with_caption": None}
     if retrieval_model is not None and references is not None:
         result["retrieval"] = eval_retrieval(
             retrieval_model, [paths[i] for i in image_ids], [references[i] for i in image_ids], k=retrieval_k
@@ -784,8 +799,21 @@ def run_eval(
             batch_size=batch_size,
             progress=progress,
         )
+        if vqa_caption_context and result["captions"] is not None:
+            result["vqa_with_caption"] = eval_vqa(
+                model,
+                questions,
+                wanted,
+                paths,
+                template=vqa_template,
+                generation=vqa_generation,
+                answer_words=answer_words,
+                batch_size=batch_size,
+                progress=progress,
+                context=result["captions"]["predictions"],
+            )
     if not keep_predictions:
-        for part in ("captions", "vqa"):
+        for part in ("captions", "vqa", "vqa_with_caption"):
             if result[part] is not None:
                 result[part] = {k: v for k, v in result[part].items() if k not in ("predictions", "raw_answers")}
     return result
@@ -805,10 +833,11 @@ def _format_summary(result: Mapping[str, Any]) -> list[str]:
         if c.get("attributes"):
             scores.append(f"attribute_accuracy={c['attributes']['object']:.3f}")
         lines.append("captions: " + " ".join(scores))
-    if result.get("vqa"):
-        v = result["vqa"]
-        per_type = " ".join(f"{t}={a:.3f}" for t, a in v["per_type"].items())
-        lines.append(f"vqa: overall={v['overall']:.3f} ({per_type})")
+    for key in ("vqa", "vqa_with_caption"):
+        if result.get(key):
+            v = result[key]
+            per_type = " ".join(f"{t}={a:.3f}" for t, a in v["per_type"].items())
+            lines.append(f"{key}: overall={v['overall']:.3f} ({per_type})")
     return lines or ["nothing to evaluate: give a model and --scenes, --coco-captions or --vqa-* files"]
 
 
@@ -846,6 +875,7 @@ def main(args: Any) -> None:
         caption_metric_names=getattr(args, "metrics", None) or ("BLEU", "CIDEr"),
         max_images=getattr(args, "max_images", None),
         keep_predictions=args.output is not None,
+        vqa_caption_context=getattr(args, "vqa_caption_context", False),
     )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
