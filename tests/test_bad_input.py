@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -194,3 +195,31 @@ def test_bytes_and_pil_inputs(tiny: Blip2) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
     assert len(tiny.caption([buf.getvalue(), Image.new("L", (8, 8))], max_new_tokens=2, num_beams=1)) == 2
+
+
+def test_cli_packs_frozen_weights_by_default_with_the_same_output(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`blip2 caption`/`ask` pre-pack the frozen weights on CPU (inference only); --no-optimize keeps them
+    plain; both print the same captions and answers."""
+    from blip2 import cli, fast_generate
+
+    if not fast_generate.can_prepack():
+        pytest.skip("this torch build has no oneDNN linear")
+    packed_counts: list[int] = []
+    original = fast_generate.optimize_for_cpu_inference
+
+    def spy(model: Any) -> int:
+        packed_counts.append(original(model))
+        return packed_counts[-1]
+
+    monkeypatch.setattr(fast_generate, "optimize_for_cpu_inference", spy)
+    image = _jpeg(tmp_path)
+    outputs = []
+    for extra in ([], ["--no-optimize"]):
+        caption = ["caption", str(image), "--model", str(tiny_dir), "--json", "--max-new-tokens", "5"]
+        assert cli.main([*caption, *extra]) == 0
+        assert cli.main(["ask", str(image), "what color?", "--model", str(tiny_dir), "--json", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert len(packed_counts) == 2 and all(n > 0 for n in packed_counts)  # only the default runs packed
+    assert outputs[0] == outputs[1]

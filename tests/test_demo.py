@@ -37,12 +37,15 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
     for key in ("i2t_r1", "t2i_r1", "caption_attribute_accuracy", "CIDEr", "vqa_overall"):
         assert 0.0 <= head[key] <= 10.0, key
     assert set(head["vqa_per_type"]) == {"color", "count", "exists", "position", "shape"}
+    # the LLM's ceiling: the same questions with the true scene description written before them
+    assert 0.0 <= head["vqa_true_caption_overall"] <= 1.0
+    assert metrics["vqa_true_caption"]["n_images"] == quick_settings().n_test
     assert metrics["training"]["stage1"]["last"]["step"] == quick_settings().stage1.steps
     assert metrics["training"]["stage2"]["last"]["step"] == quick_settings().stage2.steps
 
     page = (demo_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= quick_settings().n_report + 2  # samples + two loss plots
-    assert "generated caption" in page and "zero-shot" in page
+    assert "generated caption" in page and "zero-shot" in page and "LLM ceiling" in page
 
 
 def test_demo_model_loads_and_answers(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

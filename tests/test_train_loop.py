@@ -119,6 +119,34 @@ def test_no_decay_param_groups() -> None:
     assert opt.defaults["betas"] == (0.9, 0.98)
 
 
+def test_lr_multipliers_scale_their_parameters_through_the_schedule() -> None:
+    model = _Named()
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20, lr_multipliers={"proj": 10.0, "proj.bias": 3})
+    opt = build_optimizer(model, cfg)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.proj.weight)] == pytest.approx(1e-2)
+    assert lr_of[id(model.proj.bias)] == pytest.approx(3e-3)  # the longest prefix wins
+    assert lr_of[id(model.query_tokens)] == pytest.approx(1e-3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # the logged lr is the unscaled one
+    sched = build_scheduler(opt, cfg)
+    for step in range(6):
+        base = lr_at(step, lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=20)
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert lrs[id(model.proj.weight)] == pytest.approx(10 * base)
+        assert lrs[id(model.temp)] == pytest.approx(base)
+        opt.step()
+        sched.step()
+
+
+def test_lr_multipliers_bad_input() -> None:
+    with pytest.raises(ValueError, match="no trainable parameter name starts with 'projection'"):
+        build_optimizer(_Named(), TrainConfig(lr_multipliers={"projection": 2.0}))
+    with pytest.raises(ValueError, match="must be a positive number"):
+        TrainConfig(lr_multipliers={"proj": 0})
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        build_optimizer(_Named(), TrainConfig(lr_multipliers={"frozen": 2.0}))  # frozen: not trained
+
+
 def test_grad_accumulation_matches_big_batch(tmp_path: Path) -> None:
     results = {}
     for name, batch, accum in (("accum", 4, 2), ("big", 8, 1)):

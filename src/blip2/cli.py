@@ -25,10 +25,17 @@ from typing import Any
 DEFAULT_MODEL = os.environ.get("BLIP2_MODEL", "blip2-demo/model")
 
 
-def _load(model: str, device: str = "cpu") -> Any:
+def _load(model: str, device: str = "cpu", optimize: bool = False) -> Any:
+    """Load for inference; ``optimize`` pre-packs the frozen image encoder and LLM weights on CPU
+    (`blip2.fast_generate.optimize_for_cpu_inference`: the same tokens, about 2x faster generation here)."""
     from blip2.checkpoints import load_any
 
-    return load_any(model, map_location=device).eval()
+    loaded = load_any(model, map_location=device).eval()
+    if optimize and str(device) == "cpu":
+        from blip2.fast_generate import optimize_for_cpu_inference
+
+        optimize_for_cpu_inference(loaded)
+    return loaded
 
 
 def _print(result: Any, as_json: bool, lines: list[str]) -> None:
@@ -39,7 +46,7 @@ def _print(result: Any, as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, optimize=not args.no_optimize)
     kwargs: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     captions = model.caption(args.images, prompt=args.prompt, **kwargs)
     result = [{"image": str(i), "caption": c} for i, c in zip(args.images, captions, strict=True)]
@@ -47,7 +54,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, optimize=not args.no_optimize)
     if not hasattr(model, "answer"):
         raise ValueError(f"'{args.model}' is a stage-1 (Q-Former only) model: it has no LLM to answer questions")
     answers = model.answer([args.image] * len(args.questions), args.questions, prompt_template=args.template)
@@ -91,7 +98,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
     )
     serve(
-        args.model, host=args.host, port=args.port, device=args.device, config=config, torch_threads=args.torch_threads
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        config=config,
+        torch_threads=args.torch_threads,
+        optimize=not args.no_optimize,
     )
 
 
@@ -110,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument(
+        "--no-optimize", action="store_true", help="keep plain weights (default on CPU: oneDNN pre-packed, same output)"
+    )
     common(p)
     p.set_defaults(func=cmd_caption)
 
@@ -117,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("questions", nargs="+")
     p.add_argument("--template", default="Question: {} Answer:")
+    p.add_argument(
+        "--no-optimize", action="store_true", help="keep plain weights (default on CPU: oneDNN pre-packed, same output)"
+    )
     common(p)
     p.set_defaults(func=cmd_ask)
 
@@ -169,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 503")
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument(
+        "--no-optimize", action="store_true", help="keep plain weights (default on CPU: oneDNN pre-packed, same output)"
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -243,6 +243,7 @@ def train_stage(
         min_lr=stage.lr * stage.min_lr_ratio,
         warmup_steps=stage.warmup_steps,
         weight_decay=stage.weight_decay,
+        lr_multipliers=dict(stage.lr_multipliers),
         precision="fp32",
         save_every=max(stage.steps // 4, 1),
         keep_last=1,

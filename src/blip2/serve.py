@@ -680,11 +680,18 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _load(model: Any, device: str) -> Any:
+def _load(model: Any, device: str, optimize: bool = False) -> Any:
+    """A path or hub id is loaded (and, with ``optimize`` on CPU, its frozen weights pre-packed: a served
+    model is never trained or saved); a model object is served as given."""
     if isinstance(model, str | os.PathLike):
         from blip2.checkpoints import load_any
 
-        return load_any(model, map_location=device).eval()
+        loaded = load_any(model, map_location=device).eval()
+        if optimize and str(device) == "cpu":
+            from blip2.fast_generate import optimize_for_cpu_inference
+
+            optimize_for_cpu_inference(loaded)
+        return loaded
     return model
 
 
@@ -695,8 +702,11 @@ def serve(
     device: str = "cpu",
     config: ServeConfig | None = None,
     torch_threads: int | None = None,
+    optimize: bool = True,
 ) -> None:
     """Load ``model`` (a path or hub id, or a model object) and serve it until interrupted.
+
+    ``optimize`` pre-packs a loaded model's frozen weights for oneDNN on CPU (the same outputs, faster).
 
     ``torch_threads`` sets torch's intra-op threads for the process. On a small or shared CPU machine, 1 can
     be much faster than the default: OpenMP threads spinning for work take the cores that the event loop
@@ -708,7 +718,7 @@ def serve(
         import torch
 
         torch.set_num_threads(torch_threads)
-    app = create_app(_load(model, device), config)
+    app = create_app(_load(model, device, optimize), config)
     print(f"blip2 serve: http://{host}:{port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

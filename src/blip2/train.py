@@ -107,6 +107,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0  # <= 0: no clipping (the norm is still logged)
     decay_embeddings: bool = False  # True: decay nn.Embedding weights and query_tokens, as LAVIS does
+    # Parameter-name prefix -> lr multiplier (the longest matching prefix wins), e.g. a newly initialised
+    # projection trained faster than a pretrained Q-Former: {"language_projection": 10.0}.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     precision: Precision = "bf16"
     grad_checkpointing: bool = False
     save_every: int = 1000
@@ -132,6 +135,12 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.keep_last < 0:
             raise ValueError("warmup_steps, num_workers and keep_last must be >= 0")
+        if not isinstance(self.lr_multipliers, dict):
+            raise ValueError(f"lr_multipliers must map parameter-name prefixes to numbers, got {self.lr_multipliers!r}")
+        for prefix, mult in self.lr_multipliers.items():
+            if not isinstance(mult, int | float) or isinstance(mult, bool) or mult <= 0:
+                raise ValueError(f"lr_multipliers[{prefix!r}] must be a positive number, got {mult!r}")
+        self.lr_multipliers = {str(k): float(v) for k, v in self.lr_multipliers.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (tuples become lists)."""
@@ -271,17 +280,38 @@ def split_decay_params(model: nn.Module, decay_embeddings: bool = False) -> tupl
     return decay, no_decay
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` is ``prefix`` or inside the module path ``prefix``."""
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
+def lr_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
+    """The lr multiplier of parameter ``name``: that of the longest matching prefix, else 1."""
+    matches = [prefix for prefix in multipliers if _under(name, prefix)]
+    return multipliers[max(matches, key=len)] if matches else 1.0
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only, in two groups (decay / no decay)."""
+    """AdamW over the trainable parameters only, grouped by weight decay (decay / no decay) and by lr
+    multiplier (`TrainConfig.lr_multipliers`; the schedule scales every group alike)."""
     decay, no_decay = split_decay_params(model, cfg.decay_embeddings)
     if not decay and not no_decay:
         raise ValueError("model has no parameters with requires_grad=True: nothing to train")
     params = dict(model.named_parameters())
-    groups = [
-        {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
-        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    unused = [prefix for prefix in cfg.lr_multipliers if not any(_under(n, prefix) for n in decay + no_decay)]
+    if unused:
+        raise ValueError(f"lr_multipliers: no trainable parameter name starts with {unused[0]!r}")
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for names, weight_decay in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        for n in names:
+            groups.setdefault((lr_multiplier(n, cfg.lr_multipliers), weight_decay), []).append(params[n])
+    # the unscaled groups first: the logged lr is param_groups[0]'s
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != 1.0, item[0][0], -item[0][1]))
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": wd, "lr": cfg.lr * mult} for (mult, wd), ps in ordered],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
