@@ -108,7 +108,7 @@ def pretrain_vit_contrastive(
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     vit.eval()
     vit.requires_grad_(False)
     return losses
