@@ -788,30 +788,17 @@ def run_eval(
         )
     if model is not None and questions is not None and annotations is not None:
         wanted = {q: a for q, a in annotations.items() if questions[q]["image_id"] in kept or not references}
-        result["vqa"] = eval_vqa(
-            model,
-            questions,
-            wanted,
-            paths,
-            template=vqa_template,
-            generation=vqa_generation,
-            answer_words=answer_words,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        vqa_kwargs = {
+            "template": vqa_template,
+            "generation": vqa_generation,
+            "answer_words": answer_words,
+            "batch_size": batch_size,
+            "progress": progress,
+        }
+        result["vqa"] = eval_vqa(model, questions, wanted, paths, **vqa_kwargs)
         if vqa_caption_context and result["captions"] is not None:
-            result["vqa_with_caption"] = eval_vqa(
-                model,
-                questions,
-                wanted,
-                paths,
-                template=vqa_template,
-                generation=vqa_generation,
-                answer_words=answer_words,
-                batch_size=batch_size,
-                progress=progress,
-                context=result["captions"]["predictions"],
-            )
+            context = result["captions"]["predictions"]
+            result["vqa_with_caption"] = eval_vqa(model, questions, wanted, paths, context=context, **vqa_kwargs)
     if not keep_predictions:
         for part in ("captions", "vqa", "vqa_with_caption"):
             if result[part] is not None:

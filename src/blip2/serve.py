@@ -684,14 +684,9 @@ def _load(model: Any, device: str, optimize: bool = False) -> Any:
     """A path or hub id is loaded (and, with ``optimize`` on CPU, its frozen weights pre-packed: a served
     model is never trained or saved); a model object is served as given."""
     if isinstance(model, str | os.PathLike):
-        from blip2.checkpoints import load_any
+        from blip2.cli import _load as load_for_inference
 
-        loaded = load_any(model, map_location=device).eval()
-        if optimize and str(device) == "cpu":
-            from blip2.fast_generate import optimize_for_cpu_inference
-
-            optimize_for_cpu_inference(loaded)
-        return loaded
+        return load_for_inference(str(model), device, optimize)
     return model
 
 
