@@ -54,34 +54,54 @@ QUESTIONS = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
+def _statm() -> tuple[int, int]:
+    """(resident, resident file-backed) bytes: memory-mapped checkpoint pages count in the first, and the OS
+    can drop them at any time (they are re-read from disk), so the difference is the memory truly in use."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]) * page, int(fields[2]) * page
+
+
+def rss_bytes() -> int:
+    return _statm()[0]
+
+
+def anon_bytes() -> int:
+    resident, shared = _statm()
+    return resident - shared
 
 
 class PeakRSS:
-    """Samples the resident set size every 10 ms in a thread; ``peak`` is the largest value seen."""
+    """Samples the resident set size every 10 ms in a thread; ``peak`` is the largest value seen, ``peak_anon``
+    the largest not backed by a file (RSS less memory-mapped weights)."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.peak_anon = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakRSS:
-        self.peak = rss_bytes()
+        self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_bytes())
+            self._sample()
+
+    def _sample(self) -> None:
+        resident, shared = _statm()
+        self.peak = max(self.peak, resident)
+        self.peak_anon = max(self.peak_anon, resident - shared)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         assert self._thread is not None
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self._sample()
 
 
 def gib(n: int) -> str:
@@ -109,12 +129,13 @@ class Results:
         self.wall: dict[str, list[float]] = {}
         self.cpu: dict[str, list[float]] = {}
         self.peak: dict[str, int] = {}
+        self.peak_anon: dict[str, int] = {}
         self.out: dict[str, Any] = {}
 
     def summary(self, name: str) -> str:
         return (
             f"median {med(self.wall[name]):7.2f} s wall, {med(self.cpu[name]):7.2f} s CPU, "
-            f"peak RSS {gib(self.peak[name])}"
+            f"peak RSS {gib(self.peak[name])} (not file-backed {gib(self.peak_anon[name])})"
         )
 
 
@@ -129,8 +150,10 @@ def alternate(runs: dict[str, Callable[[], Any]], reps: int, device: torch.devic
             res.cpu.setdefault(name, []).append(cpu)
             res.wall.setdefault(name, []).append(t)
             res.peak[name] = max(res.peak.get(name, 0), rss.peak)
+            res.peak_anon[name] = max(res.peak_anon.get(name, 0), rss.peak_anon)
             print(
-                f"  rep {rep + 1}/{reps} {name:<12} {t:8.2f} s wall {cpu:8.2f} s CPU   peak RSS {gib(rss.peak)}",
+                f"  rep {rep + 1}/{reps} {name:<12} {t:8.2f} s wall {cpu:8.2f} s CPU   "
+                f"peak RSS {gib(rss.peak)} ({gib(rss.peak_anon)} not file-backed)",
                 flush=True,
             )
     return res
