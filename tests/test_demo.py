@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from blip2.cli import main as cli_main
@@ -82,6 +83,27 @@ def test_second_run_reuses_the_cache(demo_dir: Path) -> None:
     metrics = run_demo(demo_dir, quick=True)
     assert marker.stat().st_mtime_ns == before  # the saved model was not rewritten
     assert metrics["timings_s"]["evaluate"] < 5  # evaluation results came from the cache
+
+
+def test_demo_runs_deterministic_kernels_and_restores_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training runs under torch.use_deterministic_algorithms (same figures every run); the caller's setting
+    comes back afterwards, also when the run fails."""
+    from blip2 import demo_pipeline
+
+    seen = []
+
+    def stop(self: object, data_dir: Path) -> None:
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(demo_pipeline.Pipeline, "features", stop)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_demo(tmp_path / "out", quick=True)
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_cache_keys_follow_the_settings() -> None:
