@@ -5,7 +5,8 @@ reuses finished work and a killed run resumes training from its last checkpoint)
 
 1. data:      synthetic scenes (`blip2.data.scenes`): a training split and the held-out test split, whose
               every image holds a (color, shape) pair never seen in training.
-2. features:  a frozen small ViT (seeded random init, see `DemoSettings.vision_init`) encodes every image once.
+2. features:  a small ViT, CLIP-pretrained on the training split then frozen (`DemoSettings.vision_init`),
+              encodes every image once.
 3. stage 1:   Q-Former (from pretrained MiniLM-L6) on the cached features: ITC + ITM + ITG.
 4. stage 2:   the Q-Former's queries → Linear → soft visual prompt of the frozen Gemma 3 270M, LM loss on
               captions only (no question is ever seen in training).

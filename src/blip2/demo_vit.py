@@ -1,11 +1,13 @@
-"""Optional for the demo: pretrain its small ViT with a contrastive (CLIP-style) objective on the training
-split, before freezing it (``DemoSettings.vision_init = "contrastive"``).
+"""The demo's image encoder: pretrain its small ViT with a contrastive (CLIP-style) objective on the training
+split, then freeze it (``DemoSettings.vision_init = "contrastive"``, the default).
 
-No pretrained vision weights install offline, so the demo's image encoder is either a seeded random-init ViT
-(the default, chosen by measurement: see the README) or this. The image tower is the ViT with mean-pooled
-patch features and a linear head; the text tower is a word embedding + one GRU layer over the caption's
-words (the scene vocabulary is a few dozen words); the loss is the symmetric InfoNCE of CLIP with a learnable
-temperature. After training, only the ViT is kept (frozen) as the BLIP-2 image encoder.
+No pretrained vision weights install offline, so the demo's image encoder is either this or a seeded
+random-init ViT (``vision_init = "random"``); the README gives the measurement behind the choice.
+
+The image tower is the ViT with mean-pooled patch features and a linear head; the text tower is a word
+embedding + one GRU layer over the caption's words (the scene vocabulary is a few dozen words); the loss is the
+symmetric InfoNCE of CLIP with a learnable temperature. After training, only the ViT is kept (frozen) as the
+BLIP-2 image encoder.
 """
 
 from __future__ import annotations
