@@ -20,9 +20,10 @@ The run recipe is `DemoSettings` (``configs/demo.yaml`` holds the same values); 
 random models and a few dozen images (for tests: about a minute).
 
 Reproducibility: the demo runs under ``torch.use_deterministic_algorithms(True)``, so a second run from scratch
-on the same machine and thread count gives the same weights and figures. Without it, CPU kernels that
-accumulate in thread order made stage-1 weights differ at 1e-7 after ~15 steps, and stage 2 amplified that
-into different captions and answers (zero-shot VQA 0.23 in one run, 0.07 in the next); no measurable cost.
+on the same machine and thread count gives the same weights and figures. Without it, some CPU kernel that is
+not deterministic by default (not pinned down) made stage-1 weights of two runs differ at 1e-7 after ~15
+steps, and stage 2 amplified that into different captions and answers (zero-shot VQA 0.23 in one run, 0.07 in
+the next). It cost nothing measurable.
 """
 
 from __future__ import annotations
