@@ -67,11 +67,6 @@ def rss_bytes() -> int:
     return _statm()[0]
 
 
-def anon_bytes() -> int:
-    resident, shared = _statm()
-    return resident - shared
-
-
 class PeakRSS:
     """Samples the resident set size every 10 ms in a thread; ``peak`` is the largest value seen, ``peak_anon``
     the largest not backed by a file (RSS less memory-mapped weights)."""

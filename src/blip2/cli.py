@@ -118,14 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true", help="print JSON")
 
+    def no_optimize(p: argparse.ArgumentParser) -> None:  # inference commands: pre-packed weights by default
+        help_text = "keep plain weights (default on CPU: oneDNN pre-packed, same output)"
+        p.add_argument("--no-optimize", action="store_true", help=help_text)
+
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+")
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument(
-        "--no-optimize", action="store_true", help="keep plain weights (default on CPU: oneDNN pre-packed, same output)"
-    )
+    no_optimize(p)
     common(p)
     p.set_defaults(func=cmd_caption)
 
@@ -133,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("questions", nargs="+")
     p.add_argument("--template", default="Question: {} Answer:")
-    p.add_argument(
-        "--no-optimize", action="store_true", help="keep plain weights (default on CPU: oneDNN pre-packed, same output)"
-    )
+    no_optimize(p)
     common(p)
     p.set_defaults(func=cmd_ask)
 
@@ -188,9 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 503")
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--torch-threads", type=int, default=None)
-    p.add_argument(
-        "--no-optimize", action="store_true", help="keep plain weights (default on CPU: oneDNN pre-packed, same output)"
-    )
+    no_optimize(p)
     p.set_defaults(func=cmd_serve)
     return parser
 
