@@ -187,7 +187,75 @@ def test_stage1_under_torchrun_two_processes(tmp_path: Path) -> None:
         "num_workers=0",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # each rank's own error lines first: the tail alone shows only the rank that outlived the other
+    errors = [line for line in done.stderr.splitlines() if "Error" in line or "terminate" in line]
+    assert done.returncode == 0, "\n".join(errors[-20:]) + "\n---\n" + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_rank0_builds_shared_files_and_the_others_wait_for_this_run(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun only rank 0 writes the scenes and the feature cache (two ranks writing the same PNGs,
+    or reading half-written ones, gave the ranks different batches and gloo aborted); the others wait for a
+    marker naming this launch, never for one an earlier run left behind."""
+    from blip2.recipes import _rank0_first
+
+    marker = tmp_path / ".ready"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")
+    marker.write_text("run-a")  # left by an earlier launch
+    monkeypatch.setenv("RANK", "1")
+    built: list[int] = []
+    with pytest.raises(TimeoutError, match="rank 1 waited"):
+        _rank0_first(marker, lambda: built.append(1), load=lambda: "loaded", timeout_s=0.5)
+    assert built == []  # a waiting rank never builds
+
+    monkeypatch.setenv("RANK", "0")
+    assert _rank0_first(marker, lambda: "built") == "built"
+    assert marker.read_text() == "run-b"
+    monkeypatch.setenv("RANK", "1")
+    assert _rank0_first(marker, lambda: built.append(1), load=lambda: "loaded", timeout_s=0.5) == "loaded"
+    assert built == []
+
+
+def test_feature_cache_reuse_only_refuses_a_mismatched_cache(tmp_path: Path) -> None:
+    """A non-zero rank only reads the cache; one written for other images is refused, not rebuilt in place."""
+    from PIL import Image
+
+    from blip2.data.feature_cache import build_feature_cache
+    from blip2.data.transforms import ImageProcessor
+    from blip2.testing import make_tiny_model
+
+    model = make_tiny_model(None, llm=None, seed=0)
+    processor = ImageProcessor.from_vision_config(model.config.vision)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 40), (60 * i, 20, 90)).save(paths[-1])
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="does not match"):
+        build_feature_cache(model.vision_model, paths, processor, cache, reuse_only=True)
+    built = build_feature_cache(model.vision_model, paths, processor, cache)
+    torch.testing.assert_close(build_feature_cache(model.vision_model, paths, processor, cache, reuse_only=True),
+                               built)
+    with pytest.raises(RuntimeError, match="does not match"):
+        build_feature_cache(model.vision_model, paths[:2], processor, cache, reuse_only=True)
+
+
+def test_recipe_model_init_is_seeded() -> None:
+    """torch seeds its default generator differently in every process, so an unseeded build gave every
+    torchrun rank (and every rerun) a different random frozen encoder; the recipe's seed fixes the weights."""
+    from blip2.recipes import build_model
+
+    def weights(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed + 100)  # whatever the caller's RNG state, the build draws from `seed`
+        return build_model({"stage": 1, "preset": "tiny-stage1"}, seed=seed).state_dict()
+
+    first, again, other = weights(0), weights(0), weights(1)
+    assert first.keys() == again.keys()
+    for name, value in first.items():
+        torch.testing.assert_close(again[name], value, atol=0, rtol=0, msg=name)
+    assert not torch.equal(other["vision_model.embeddings.patch_embedding.weight"],
+                           first["vision_model.embeddings.patch_embedding.weight"])

@@ -14,49 +14,78 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def batch_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's local batch size (a collective; ``[n]`` when not distributed).
+
+    Ranks may hold different numbers of samples: the collator drops unreadable images, so one corrupt file
+    shortens one rank's batch. The gathers below pad to the largest size, so they never exchange tensors of
+    different shapes (which gloo answers by aborting the process and NCCL by hanging).
+    """
+    _, size = world()
+    if size == 1:
+        return [n]
+    mine = torch.tensor([n], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine)
+    return [int(p) for p in parts]
+
+
+def rank_offset(sizes: list[int]) -> int:
+    """Row of this rank's first sample in the gathered (global) batch."""
+    rank, _ = world()
+    return sum(sizes[:rank])
+
+
+def _gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """all_gather along dim 0 for per-rank row counts ``sizes``: pad to the largest, gather, drop the padding.
+    (sum(sizes), ...)"""
+    longest = max(sizes)
+    padded = x.contiguous()
+    if x.shape[0] < longest:
+        padded = torch.cat([padded, padded.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)], dim=0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice (all_reduce, then slice).
+    """all_gather whose backward sums every rank's gradient for this rank's rows (all_reduce, then slice).
 
     Written out rather than ``torch.distributed.nn.functional.all_gather``: with gloo, that one's backward
     gave wrong gradients for the (B, E) text features in our ITC test (tests/test_stage1.py).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        rank, size = world()
-        ctx.rank, ctx.batch = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # noqa: ANN001
+        ctx.start, ctx.batch = rank_offset(sizes), x.shape[0]
+        return _gather_rows(x, sizes)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+        return grad[ctx.start : ctx.start + ctx.batch], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 (equal batch sizes); gradients flow back to each rank's
-    own slice, summed over the ranks that used it."""
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's own rows, summed
+    over the ranks that used them. ``sizes``: every rank's row count (`batch_sizes`), gathered if not given."""
     _, size = world()
     if size == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, sizes if sizes is not None else batch_sizes(x.shape[0], x.device))
 
 
 @torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return _gather_rows(x, sizes if sizes is not None else batch_sizes(x.shape[0], x.device))
 
 
 @torch.no_grad()
-def all_gather_padded(x: torch.Tensor, pad_value: int) -> torch.Tensor:
+def all_gather_padded(x: torch.Tensor, pad_value: int, sizes: list[int] | None = None) -> torch.Tensor:
     """Gather (B, T) token tensors whose T differs between ranks (each pads to its own longest text): pad
     to the longest T over all ranks first. → (B_global, T_max)"""
     _, size = world()
@@ -65,7 +94,7 @@ def all_gather_padded(x: torch.Tensor, pad_value: int) -> torch.Tensor:
     width = torch.tensor([x.shape[1]], device=x.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     x = F.pad(x, (0, int(width) - x.shape[1]), value=pad_value)
-    return all_gather_no_grad(x)
+    return all_gather_no_grad(x, sizes)
 
 
 def itc_similarities(
@@ -86,19 +115,22 @@ def itc_loss(
     text_feats: torch.Tensor,  # (B, E) this rank's, normalised
     temp: torch.Tensor,  # scalar
     label_smoothing: float = 0.1,
+    sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric contrastive loss over the global batch (features gathered from all ranks with gradient).
 
+    ``sizes``: every rank's batch size (`batch_sizes`; gathered here if not given).
     Returns (loss, sim_i2t (B, B_global), sim_t2i (B, B_global)), the similarities already divided by
     the temperature (ITM samples its hard negatives from them).
     """
-    rank, _ = world()
     b = image_feats.shape[0]
-    image_all = all_gather_with_grad(image_feats)  # (Bg, Q, E)
-    text_all = all_gather_with_grad(text_feats)  # (Bg, E)
+    sizes = sizes if sizes is not None else batch_sizes(b, image_feats.device)
+    start = rank_offset(sizes)
+    image_all = all_gather_with_grad(image_feats, sizes)  # (Bg, Q, E)
+    text_all = all_gather_with_grad(text_feats, sizes)  # (Bg, E)
     sim_i2t = itc_similarities(image_feats, text_all)[0] / temp  # (B, Bg)
     sim_t2i = itc_similarities(image_all, text_feats)[1] / temp  # (B, Bg)
-    targets = torch.arange(rank * b, rank * b + b, device=image_feats.device)
+    targets = torch.arange(start, start + b, device=image_feats.device)
     loss = (
         F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
         + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)

@@ -261,15 +261,16 @@ class Blip2QFormer(_ImageQueryModel):
         image_kv = self.qformer.image_kv(image_embeds)  # cross-attention keys/values, shared by ITC and ITM
         image_feats, _, query_past = self.image_embeddings(image_kv)  # (B, Q, E)
         text_feats = self.text_embeddings(input_ids, attention_mask)  # (B, E)
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp)
+        sizes = losses.batch_sizes(b, image_embeds.device)  # per rank: they differ when images were dropped
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp, sizes=sizes)
 
         # ITM: one hard negative text per image and one hard negative image per text
-        rank, _ = losses.world()
-        image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (Bg, P, Dv)
-        ids_all = losses.all_gather_padded(input_ids, self.config.qformer.pad_token_id)  # (Bg, Tmax)
-        mask_all = losses.all_gather_padded(attention_mask, 0)
-        neg_image = losses.sample_hard_negatives(sim_t2i.detach(), offset=rank * b, generator=generator)
-        neg_text = losses.sample_hard_negatives(sim_i2t.detach(), offset=rank * b, generator=generator)
+        start = losses.rank_offset(sizes)  # this rank's first row in the global batch
+        image_embeds_all = losses.all_gather_with_grad(image_embeds, sizes)  # (Bg, P, Dv)
+        ids_all = losses.all_gather_padded(input_ids, self.config.qformer.pad_token_id, sizes)  # (Bg, Tmax)
+        mask_all = losses.all_gather_padded(attention_mask, 0, sizes)
+        neg_image = losses.sample_hard_negatives(sim_t2i.detach(), offset=start, generator=generator)
+        neg_text = losses.sample_hard_negatives(sim_i2t.detach(), offset=start, generator=generator)
         neg_kv = self.qformer.image_kv(image_embeds_all[neg_image])  # only the negatives need projecting
         itm_images = cat_image_kv(image_kv, neg_kv, image_kv)  # images of [positives | neg image | neg text]
         width = ids_all.shape[1]  # this rank's texts padded to the global width

@@ -41,7 +41,19 @@ from blip2.model import Blip2, Blip2QFormer
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
+def build_model(section: Mapping[str, Any], seed: int = 0) -> Blip2 | Blip2QFormer:
+    """The recipe's model, its randomly initialised weights drawn from ``seed``.
+
+    Seeded because torch seeds its default generator differently in every process: unseeded, each rank of a
+    torchrun job (and each rerun) would build a different random frozen encoder, and the feature cache rank 0
+    writes would not be the one the other ranks' encoders produce.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_model(section)
+
+
+def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
     stage = int(section.get("stage", 1))
     preset = section.get("preset")
     if not preset:
@@ -105,28 +117,40 @@ def load_stage1_into(model: Blip2, stage1: str | os.PathLike[str] | Blip2QFormer
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _run_id() -> str:
+    """An id shared by the processes of one launch: a marker left by an earlier run never counts as ready."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or (
+        f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    )
+
+
 def _rank0_first(
     marker: Path, build: Callable[[], Any], load: Callable[[], Any] | None = None, timeout_s: float = 3600.0
 ) -> Any:
     """Under torchrun, rank 0 builds shared files (data, feature cache) while the others wait for its marker,
-    then everyone reads them: no two processes write the same file. The process group does not exist yet
-    here (the training loop creates it), so the ranks coordinate through the file system."""
+    then everyone reads them: no two processes write the same file, and no process reads a half-written one.
+    The process group does not exist yet here (the training loop creates it), so the ranks coordinate through
+    the file system; the marker holds the launch's run id, so a marker left by an earlier run is not taken
+    for this one's."""
     import time
 
     rank = int(os.environ.get("RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return build()
+    run_id = _run_id()
     if rank == 0:
         marker.unlink(missing_ok=True)
         result = build()
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("ok")
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(run_id)
+        os.replace(tmp, marker)
         return result
     deadline = time.monotonic() + timeout_s
-    while not marker.exists():
+    while not (marker.exists() and marker.read_text() == run_id):
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {rank} waited {timeout_s:.0f}s for rank 0 to write {marker}")
-        time.sleep(0.5)
+        time.sleep(0.2)
     return (load or build)()
 
 
@@ -146,8 +170,11 @@ def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_
     if kind == "scenes":
         from blip2.data.scenes import write_split
 
-        root = write_split(
-            work_dir / "data", "train", int(section.get("n", 256)), seed=seed, image_size=vcfg.image_size
+        n = int(section.get("n", 256))
+        root = _rank0_first(
+            work_dir / "data" / ".train.ready",
+            lambda: write_split(work_dir / "data", "train", n, seed=seed, image_size=vcfg.image_size),
+            load=lambda: work_dir / "data" / "train",
         )
         dataset: Any = ImageTextDataset(root / "captions.jsonl", image_root=root, transform=transform, seed=seed)
     elif kind in ("jsonl", "csv", "json"):
@@ -177,9 +204,15 @@ def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
     from blip2.data.feature_cache import CachedFeatureDataset, build_feature_cache, image_paths_of
 
     processor = ImageProcessor.from_vision_config(model.config.vision)
-    features = build_feature_cache(
-        model.vision_model, image_paths_of(dataset), processor, directory, device=model.device
-    )
+    paths = image_paths_of(dataset)
+
+    def build(reuse_only: bool = False) -> torch.Tensor:
+        return build_feature_cache(
+            model.vision_model, paths, processor, directory, device=model.device, reuse_only=reuse_only
+        )
+
+    # rank 0 encodes; the other ranks read its cache (and refuse one that does not match their encoder)
+    features = _rank0_first(directory / ".ready", build, load=lambda: build(reuse_only=True))
     import json
 
     bad = json.loads((directory / "meta.json").read_text()).get("bad_images", [])
@@ -279,7 +312,7 @@ def train_from_config(
 def train(cfg: Any, model: nn.Module | None = None) -> dict[str, Any]:
     from blip2.train import run_training
 
-    model = model if model is not None else build_model(cfg.model)
+    model = model if model is not None else build_model(cfg.model, seed=cfg.seed)
     out = Path(cfg.output_dir)
     dataset, generators = build_dataset(cfg.data, model, out)
     collate = build_collate(cfg.data, model)

@@ -45,11 +45,13 @@ def build_feature_cache(
     batch_size: int = 32,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    reuse_only: bool = False,
 ) -> torch.Tensor:
     """Encode every image once (eval preprocessing) and store the features; reuse a matching cache.
 
     Unreadable images get all-zero features and are listed in ``meta.json["bad_images"]``; datasets built
-    on the cache skip them. Returns the (N, P, Dv) features.
+    on the cache skip them. ``reuse_only``: load a matching cache or raise, never write (the other ranks of
+    a multi-process run read the cache rank 0 wrote). Returns the (N, P, Dv) features.
     """
     from safetensors.torch import load_file, save_file
 
@@ -69,6 +71,11 @@ def build_feature_cache(
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == fingerprint and meta.get("images") == paths:
             return load_file(str(out / "features.safetensors"))["features"]
+    if reuse_only:
+        raise RuntimeError(
+            f"the feature cache in {out} does not match this image encoder and image list (another "
+            "process wrote it for different weights, preprocessing or images)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     encoder.eval()
     chunks: list[torch.Tensor] = []
