@@ -311,3 +311,37 @@ def test_run_eval_with_coco_files_and_tiny_models(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError, match="both"):
         run_eval(vqa_questions=split / "vqa_questions.json", images=split)
+
+
+def test_run_eval_true_description_ceiling_on_scenes(tmp_path: Path) -> None:
+    """``vqa_true_description=N`` answers the first N images' questions after their true description, each
+    prompt starting with it; it needs a scenes split (the descriptions come from the object lists)."""
+    from blip2.data.scenes import detailed_caption
+    from blip2.evaluate import load_scenes_eval, run_eval
+    from blip2.testing import make_tiny_model
+
+    split = write_split(tmp_path, "test", 3, seed=1, image_size=32)
+    model = make_tiny_model(llm="opt")
+    prompts: list[str] = []
+    answer = model.answer
+
+    def spy(images, questions, prompt_template="Question: {} Answer:", **kwargs):  # noqa: ANN001, ANN202
+        prompts.extend(prompt_template.format(q) for q in questions)
+        return answer(images, questions, prompt_template=prompt_template, **kwargs)
+
+    model.answer = spy  # type: ignore[method-assign]
+    result = run_eval(model=model, scenes=split, vqa_generation={"num_beams": 1, "max_new_tokens": 2},
+                      caption_generation={"num_beams": 1, "max_new_tokens": 2}, vqa_true_description=2,
+                      keep_predictions=True, progress=False)
+    data = load_scenes_eval(split)
+    first_two = [q for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in (0, 1)]
+    ceiling = result["vqa_true_caption"]
+    assert ceiling["n_images"] == 2 and set(ceiling["predictions"]) == set(first_two)
+    assert ceiling["context"] == "true description"
+    told = prompts[-len(first_two):]
+    for image_id in (0, 1):
+        description = detailed_caption(data["objects"][image_id])
+        assert sum(p.startswith(description + ". Question:") for p in told) == sum(
+            data["questions"][q]["image_id"] == image_id for q in first_two)
+    with pytest.raises(ValueError, match="scenes split"):
+        run_eval(model=model, coco_captions=split / "captions_coco.json", images=split, vqa_true_description=2)

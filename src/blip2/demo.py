@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from blip2.config import Blip2Config, QFormerConfig, small_vit, tiny_config
+from blip2.data.scenes import detailed_caption
 
 DEMO_VERSION = 4  # part of every cache key: bump when the pipeline changes what a cached step holds
 GEMMA_PLACEHOLDER_ID = 6  # "<unused0>": never produced by the tokenizer from ordinary text
@@ -188,23 +189,6 @@ def demo_config(settings: DemoSettings | None = None, with_llm: bool = True) -> 
 
 
 # ------------------------------------------------------------------------------------------ captions
-
-
-def detailed_caption(objects: list[dict[str, Any]]) -> str:
-    """One caption that names everything a scene shows: "two shapes: a small red circle on the left and a
-    large blue square at the top" (objects left to right, top to bottom)."""
-    from blip2.data.scenes import NUMBER_WORDS
-
-    phrases = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
-    ordered = sorted(objects, key=lambda o: ((o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2))
-    parts = []
-    for o in ordered:
-        words = f"{o['size']} {o['color']} {o['shape']}"
-        article = "an" if words[0] in "aeiou" else "a"
-        parts.append(f"{article} {words} {phrases.get(o['position'], 'in the center')}")
-    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    n = len(objects)
-    return f"{NUMBER_WORDS[n]} shape{'s' if n != 1 else ''}: {listing}"
 
 
 def stage2_captions(settings: DemoSettings, rows: list[dict[str, Any]]) -> list[list[str]]:

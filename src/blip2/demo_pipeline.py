@@ -164,40 +164,13 @@ class Pipeline:
             batch_size=s.eval_batch_size,
             keep_predictions=True,
             vqa_caption_context=s.vqa_caption_context,
+            vqa_true_description=s.vqa_true_caption_images,
         )
-        if s.vqa_true_caption_images > 0:
-            results["vqa_true_caption"] = self._vqa_true_caption(data_dir / "test", stage2)
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results))
         tmp.replace(path)
         return results
-
-    def _vqa_true_caption(self, split: Path, model: Blip2) -> dict[str, Any]:
-        """VQA on the first `vqa_true_caption_images` test images with the true description in words before
-        each question: what the frozen LLM can answer when it is told exactly what the image shows (an upper
-        bound for the visual prompt's answers; the demo's only source of truth for why VQA falls short)."""
-        from blip2.demo import detailed_caption
-        from blip2.evaluate import eval_vqa, load_scenes_eval
-
-        s = self.s
-        data = load_scenes_eval(split)
-        kept = set(list(data["paths"])[: s.vqa_true_caption_images])
-        wanted = {q: a for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in kept}
-        context = {i: detailed_caption(data["objects"][i]) for i in kept}
-        report = eval_vqa(
-            model,
-            data["questions"],
-            wanted,
-            data["paths"],
-            template=s.vqa_template,
-            generation=s.vqa_generation,
-            answer_words=s.answer_words,
-            batch_size=s.eval_batch_size,
-            context=context,
-        )
-        report["n_images"] = len(kept)
-        return report
 
     # ---------------------------------------------------------------------------------------- outputs
     def save_models(self, stage1: Blip2QFormer, stage2: Blip2) -> None:

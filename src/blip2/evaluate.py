@@ -731,6 +731,7 @@ def run_eval(
     keep_predictions: bool = False,
     progress: bool = True,
     vqa_caption_context: bool = False,
+    vqa_true_description: int = 0,
 ) -> dict[str, Any]:
     """Evaluate loaded models on a scenes split (``scenes``) or on COCO-format files with an image folder.
 
@@ -740,7 +741,12 @@ def run_eval(
     their questions). Returns {"retrieval", "captions", "vqa"} (absent parts are None); per-item predictions
     are dropped unless ``keep_predictions``. ``vqa_caption_context`` also answers every question a second
     time with the model's own caption of the image written before the question (``vqa_with_caption``).
+    ``vqa_true_description`` (scenes only) answers the questions of the first N images once more with the
+    true scene description written before each (``vqa_true_caption``): what the LLM answers when it is told
+    exactly what the image shows, the ceiling for answers read from the visual prompt.
     """
+    if vqa_true_description > 0 and scenes is None:
+        raise ValueError("vqa_true_description needs a scenes split (it describes each image from its objects)")
     paths: dict[Any, str] = {}
     references: dict[Any, list[str]] | None = None
     objects = None
@@ -769,7 +775,9 @@ def run_eval(
         image_ids = image_ids[:max_images]
     kept = set(image_ids)
 
-    result: dict[str, Any] = {"retrieval": None, "captions": None, "vqa": None, "vqa_with_caption": None}
+    result: dict[str, Any] = {
+        "retrieval": None, "captions": None, "vqa": None, "vqa_with_caption": None, "vqa_true_caption": None
+    }
     if retrieval_model is not None and references is not None:
         result["retrieval"] = eval_retrieval(
             retrieval_model, [paths[i] for i in image_ids], [references[i] for i in image_ids], k=retrieval_k
@@ -799,8 +807,17 @@ def run_eval(
         if vqa_caption_context and result["captions"] is not None:
             context = result["captions"]["predictions"]
             result["vqa_with_caption"] = eval_vqa(model, questions, wanted, paths, context=context, **vqa_kwargs)
+        if vqa_true_description > 0 and objects is not None:
+            from blip2.data.scenes import detailed_caption
+
+            first = image_ids[:vqa_true_description]
+            told = {q: a for q, a in wanted.items() if questions[q]["image_id"] in set(first)}
+            described = {i: detailed_caption(objects[i]) for i in first}
+            report = eval_vqa(model, questions, told, paths, context=described, **vqa_kwargs)
+            report.update({"context": "true description", "n_images": len(first)})
+            result["vqa_true_caption"] = report
     if not keep_predictions:
-        for part in ("captions", "vqa", "vqa_with_caption"):
+        for part in ("captions", "vqa", "vqa_with_caption", "vqa_true_caption"):
             if result[part] is not None:
                 result[part] = {k: v for k, v in result[part].items() if k not in ("predictions", "raw_answers")}
     return result
@@ -820,7 +837,7 @@ def _format_summary(result: Mapping[str, Any]) -> list[str]:
         if c.get("attributes"):
             scores.append(f"attribute_accuracy={c['attributes']['object']:.3f}")
         lines.append("captions: " + " ".join(scores))
-    for key in ("vqa", "vqa_with_caption"):
+    for key in ("vqa", "vqa_with_caption", "vqa_true_caption"):
         if result.get(key):
             v = result[key]
             per_type = " ".join(f"{t}={a:.3f}" for t, a in v["per_type"].items())
@@ -863,6 +880,7 @@ def main(args: Any) -> None:
         max_images=getattr(args, "max_images", None),
         keep_predictions=args.output is not None,
         vqa_caption_context=getattr(args, "vqa_caption_context", False),
+        vqa_true_description=getattr(args, "vqa_true_description", 0),
     )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -415,3 +415,18 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def detailed_caption(objects: list[dict[str, Any]]) -> str:
+    """One caption that names everything a scene shows: "two shapes: a small red circle on the left and a
+    large blue square at the top" (objects left to right, top to bottom)."""
+    phrases = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+    ordered = sorted(objects, key=lambda o: ((o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2))
+    parts = []
+    for o in ordered:
+        words = f"{o['size']} {o['color']} {o['shape']}"
+        article = "an" if words[0] in "aeiou" else "a"
+        parts.append(f"{article} {words} {phrases.get(o['position'], 'in the center')}")
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    n = len(objects)
+    return f"{NUMBER_WORDS[n]} shape{'s' if n != 1 else ''}: {listing}"
