@@ -63,9 +63,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=None, help="ViT input size (default: the demo's)")
+    parser.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: the demo's)")
+    parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
     args = parser.parse_args()
 
     settings = DemoSettings()
+    if args.image_size:
+        settings.image_size = args.image_size
+    if args.patch_size:
+        settings.patch_size = args.patch_size
     vision = demo_config(settings, with_llm=False).vision
     processor = ImageProcessor.from_vision_config(vision)
     train, test = make_split("train", args.n_train), make_split("test", args.n_test)
@@ -81,8 +88,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    print(f"{args.encoder}: {sum(p.numel() for p in encoder.parameters()):,} parameters, {len(train)} train images")
+    print(f"{args.encoder}: {sum(p.numel() for p in encoder.parameters()):,} parameters, {len(train)} train images, "
+          f"{tuple(pixels.shape[-2:])} px")
     for step in range(1, args.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
         encoder.train()
         idx = torch.randint(len(pixels), (args.batch_size,), generator=generator)
         logits = head(encoder(pixels[idx])).amax(dim=1)  # (B, 12): max over tokens
