@@ -399,10 +399,15 @@ def test_timeout_answers_504() -> None:
 
 
 def test_batcher_close_fails_waiting_requests() -> None:
-    gate = threading.Event()
-    batcher = MicroBatcher(lambda key, items: [gate.wait(5) for _ in items], max_batch=1, queue_size=2)
+    gate, running = threading.Event(), threading.Event()
+
+    def run(key: str, items: list[int]) -> list[bool]:
+        running.set()
+        return [gate.wait(5) for _ in items]
+
+    batcher = MicroBatcher(run, max_batch=1, queue_size=2)
     first = batcher.submit_future("k", 1)
-    time.sleep(0.05)
+    assert running.wait(5)  # the worker holds the first item (a fixed sleep was a race on a loaded machine)
     second = batcher.submit_future("k", 2)
     third = batcher.submit_future("k", 3)
     with pytest.raises(QueueFull):
