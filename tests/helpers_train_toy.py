@@ -58,7 +58,9 @@ class ToyRegressor(nn.Module):
 class ToyDataset(Dataset):
     """Fixed random regression data; ``augment`` adds noise drawn from ``self.generator`` per item."""
 
-    def __init__(self, num_samples: int = 36, augment: bool = False, data_seed: int = 123) -> None:
+    def __init__(self, num_samples: int = 36, augment: bool = False, data_seed: int = 123,
+                 unreadable: frozenset[int] = frozenset()) -> None:
+        self.unreadable = unreadable  # items that come back as None, like an image that cannot be decoded
         g = torch.Generator().manual_seed(data_seed)
         self.x = torch.randn(num_samples, IN_DIM, generator=g)
         self.y = self.x @ torch.randn(IN_DIM, generator=g) + 0.5
@@ -68,14 +70,19 @@ class ToyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if index in self.unreadable:
+            return None
         x = self.x[index]
         if self.augment:
             x = x + 0.1 * torch.randn(IN_DIM, generator=self.generator)
         return {"x": x, "y": self.y[index], "id": index}
 
 
-def collate(items: list[Mapping[str, Any]]) -> dict[str, Any]:
+def collate(items: list[Mapping[str, Any] | None]) -> dict[str, Any]:
+    items = [it for it in items if it is not None]  # dropped, as the real collator drops unreadable images
+    if not items:
+        return {"x": torch.zeros(0, IN_DIM), "y": torch.zeros(0), "image_ids": []}
     return {
         "x": torch.stack([it["x"] for it in items]),
         "y": torch.stack([it["y"] for it in items]),
@@ -102,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-after-step", type=int, default=0)
+    parser.add_argument("--unreadable-every", type=int, default=0, help="every k-th item comes back as None")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # same kernels in every process; no oversubscription on small machines
     model, dataset = build(args.dropout, args.augment)
+    if args.unreadable_every:
+        dataset.unreadable = frozenset(range(0, len(dataset), args.unreadable_every))
     cfg = TrainConfig(
         output_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.accum,
         lr=args.lr, min_lr=args.lr / 10, warmup_steps=2, save_every=args.save_every, log_every=1,

@@ -259,3 +259,24 @@ def test_recipe_model_init_is_seeded() -> None:
         torch.testing.assert_close(again[name], value, atol=0, rtol=0, msg=name)
     assert not torch.equal(other["vision_model.embeddings.patch_embedding.weight"],
                            first["vision_model.embeddings.patch_embedding.weight"])
+
+
+def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The collator drops unreadable images; a micro-batch left empty is skipped (two of three images are
+    corrupt, batch size 1: 10 of every 15 micro-batches) and the run still takes every optimiser step."""
+    from blip2.data.scenes import write_split
+
+    root = write_split(tmp_path / "data", "train", 3, seed=0, image_size=32)
+    for name in ("train_000001.png", "train_000002.png"):
+        (root / "images" / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    cfg = _cfg(tmp_path / "run", 2)
+    cfg.max_steps, cfg.batch_size = 6, 1
+    cfg.data = {"kind": "jsonl", "annotations": str(root / "captions.jsonl"), "images": str(root),
+                "max_length": 24}
+    with caplog.at_level("WARNING", logger="blip2.train"):
+        train(cfg, make_tiny_model(None, llm="opt"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4, 5, 6]
+    assert all(v == v for v in _losses(tmp_path / "run"))  # no NaN from an empty batch
+    assert sum("no readable sample" in r.getMessage() for r in caplog.records) >= 2

@@ -101,6 +101,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's ``value`` (a collective; ``value`` itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    out = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return int(out.item())
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """One small picklable object from every rank, in rank order (used for per-rank RNG states).
 

@@ -10,7 +10,9 @@ The loop is model-agnostic. What it needs (the whole contract):
   whose frozen parts must stay in eval mode overrides ``train()`` to keep them there.
 - ``train_dataset`` is a map-style dataset (exact resume and sharding) or an ``IterableDataset`` (shards by
   rank itself; its position is not restored on resume). ``collate_fn`` returns a dict; tensor entries are
-  moved to the device and passed to ``forward``, anything else (``image_ids``, ``skipped``) is dropped.
+  moved to the device and passed to ``forward``, anything else (``image_ids``, ``skipped``) is dropped. A
+  batch whose tensors hold no rows (the collator dropped every sample as unreadable) is skipped, by every rank
+  at once under DDP; ``MAX_EMPTY_BATCHES`` in a row stop the run with an error.
 - Randomness: the loop seeds python, numpy and torch (from ``seed`` and the rank) and owns every
   ``torch.Generator`` passed as ``rng_generators`` (e.g. the one a dataset draws its augmentation from):
   it re-seeds them on a fresh run and checkpoints them. Draw augmentation from those (or from the global
@@ -69,6 +71,7 @@ from blip2.distributed import (
     all_reduce_mean,
     barrier,
     init_distributed,
+    min_over_ranks,
     shutdown,
 )
 
@@ -80,6 +83,7 @@ StepCallback = Callable[[int, Mapping[str, float]], None]
 CHECKPOINT_DIR = "checkpoints"
 LATEST_POINTER = "latest"
 CHECKPOINT_FORMAT = 1
+MAX_EMPTY_BATCHES = 100  # consecutive micro-batches with no readable sample before the run gives up
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -526,6 +530,15 @@ class _BatchStream:
         return {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch}
 
 
+def _batch_rows(batch: Any) -> int:
+    """Samples in a collated batch: the leading size of its first tensor (0 when the collator dropped all)."""
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                return int(value.shape[0])
+    return 1  # no tensor to tell by: let forward() see it
+
+
 def _to_device(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
@@ -747,7 +760,7 @@ class _Loop:
         lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
-            batch = _to_device(self.stream.next(), self.device)
+            batch = self._next_batch()
             last = micro == accum - 1
             no_sync = self.wrapped.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             with no_sync:
@@ -765,6 +778,21 @@ class _Loop:
         self.window.steps += 1
         self.window.samples += cfg.batch_size * self.info.world_size * accum
         return lr, grad_norm
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch that holds samples on every rank. A batch whose every image was unreadable
+        (the collator dropped them all) is skipped, by all ranks together when distributed, so that every
+        rank stays at the one data position a checkpoint stores (exact resume); one small all-reduce per
+        micro-batch buys that agreement."""
+        for _ in range(MAX_EMPTY_BATCHES):
+            batch = self.stream.next()
+            rows = _batch_rows(batch)
+            if (min_over_ranks(rows, self.device) if self.info.distributed else rows) > 0:
+                return _to_device(batch, self.device)
+            logger.warning("skipping a micro-batch with no readable sample%s at step %d",
+                           "" if rows == 0 else " on another rank", self.step + 1)
+        raise RuntimeError(f"{MAX_EMPTY_BATCHES} micro-batches in a row held no readable sample: check that "
+                           "the training images can be decoded")
 
     def _log(self, lr: float, grad_norm: torch.Tensor) -> None:
         """Window means, averaged over ranks (a collective: every rank logs at the same steps)."""
