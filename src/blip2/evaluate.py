@@ -811,7 +811,8 @@ def run_eval(
             from blip2.data.scenes import detailed_caption
 
             first = image_ids[:vqa_true_description]
-            told = {q: a for q, a in wanted.items() if questions[q]["image_id"] in set(first)}
+            first_set = set(first)
+            told = {q: a for q, a in wanted.items() if questions[q]["image_id"] in first_set}
             described = {i: detailed_caption(objects[i]) for i in first}
             report = eval_vqa(model, questions, told, paths, context=described, **vqa_kwargs)
             report.update({"context": "true description", "n_images": len(first)})

@@ -787,7 +787,7 @@ class _Loop:
         for _ in range(MAX_EMPTY_BATCHES):
             batch = self.stream.next()
             rows = _batch_rows(batch)
-            if (min_over_ranks(rows, self.device) if self.info.distributed else rows) > 0:
+            if min_over_ranks(rows, self.device) > 0:  # this rank's own count when not distributed
                 return _to_device(batch, self.device)
             logger.warning("skipping a micro-batch with no readable sample%s at step %d",
                            "" if rows == 0 else " on another rank", self.step + 1)
