@@ -12,7 +12,7 @@ built on the meta device and given transformers' tensors), so the weights are in
 between the implementations within one process; medians of ``--reps`` repetitions.
 
 "ours" is ``Blip2.generate`` / ``Blip2.answer`` (the LLM prompt runs once per row / once per image instead of
-once per beam); "ours+packed" adds ``blip2.fast_generate.optimize_for_cpu_inference`` (oneDNN pre-packed weights
+once per beam); "ours+packed" adds ``blip2.inference.fast.optimize_for_cpu_inference`` (oneDNN pre-packed weights
 for the frozen ViT and LLM, CPU only, inference only). Token identity with transformers is checked and printed.
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from blip2.checkpoints import config_from_hf, hf_to_ours
+from blip2.checkpoints.core import config_from_hf, hf_to_ours
 from blip2.config import Blip2Config, from_name, small_vit, tiny_config
-from blip2.fast_generate import optimize_for_cpu_inference
+from blip2.inference.fast import optimize_for_cpu_inference
 from blip2.model import Blip2
 
 CAPTION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
@@ -339,7 +339,7 @@ def run_p1(args: argparse.Namespace, device: torch.device) -> None:
 def run_p2(args: argparse.Namespace, device: torch.device) -> None:
     from PIL import Image
 
-    from blip2.inference import llm_prompt_ids, pixel_values
+    from blip2.inference.tasks import llm_prompt_ids, pixel_values
 
     vit, llm = (39, 32) if args.full else (args.vit_layers, args.llm_layers)
     cfg = official_config(vit, llm, args.small)
@@ -397,7 +397,7 @@ def run_p2(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def run_p5(args: argparse.Namespace, device: torch.device) -> None:
-    from blip2.inference import _itm_scores, qformer_text_ids, retrieve
+    from blip2.inference.tasks import _itm_scores, qformer_text_ids, retrieve
     from blip2.model import Blip2QFormer
     from blip2.testing import WORDS, tiny_bert_tokenizer
 

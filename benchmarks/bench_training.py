@@ -144,7 +144,7 @@ def stage2(args: argparse.Namespace) -> float:
         label = "OPT-style 4×256 LM, vocab 32000 (random)"
         model = Blip2(cfg)
     else:
-        from blip2.pretrained import gemma3_llm_config
+        from blip2.checkpoints.offline import gemma3_llm_config
 
         cfg = Blip2Config(
             vision=small_vit(hidden_size=384, layers=6, heads=6),

@@ -23,7 +23,7 @@ from torch import nn
 
 from blip2.data.scenes import COLORS, SHAPES, make_split, render
 from blip2.data.transforms import ImageProcessor
-from blip2.demo import DemoSettings, demo_config
+from blip2.demo.settings import DemoSettings, demo_config
 from blip2.vision import build_vision_encoder
 
 

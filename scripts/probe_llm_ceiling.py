@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from blip2.data.scenes import COLORS, NUMBER_WORDS, SHAPES, detailed_caption, make_split
-from blip2.evaluate import postprocess_answer
-from blip2.pretrained import gemma3_270m
+from blip2.eval.runner import postprocess_answer
+from blip2.checkpoints.offline import gemma3_270m
 
 POSITIONS = ("left", "right", "top", "bottom", "center")
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from blip2.checkpoints import CheckpointError
+from blip2.checkpoints.core import CheckpointError
 from blip2.cli import main
 from blip2.data.images import ImageError
 from blip2.model import Blip2, Blip2QFormer
@@ -202,7 +202,8 @@ def test_cli_packs_frozen_weights_by_default_with_the_same_output(
 ) -> None:
     """`blip2 caption`/`ask` pre-pack the frozen weights on CPU (inference only); --no-optimize keeps them
     plain; both print the same captions and answers."""
-    from blip2 import cli, fast_generate
+    from blip2 import cli
+    from blip2.inference import fast as fast_generate
 
     if not fast_generate.can_prepack():
         pytest.skip("this torch build has no oneDNN linear")

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from blip2.cli import main as cli_main
-from blip2.demo import DemoSettings, cache_keys, detailed_caption, quick_settings, run_demo
+from blip2.demo.settings import DemoSettings, cache_keys, detailed_caption, quick_settings, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_demo_runs_deterministic_kernels_and_restores_the_setting(
 ) -> None:
     """Training runs under torch.use_deterministic_algorithms (same figures every run); the caller's setting
     comes back afterwards, also when the run fails."""
-    from blip2 import demo_pipeline
+    from blip2.demo import pipeline as demo_pipeline
 
     seen = []
 
@@ -134,7 +134,7 @@ def test_visual_prompt_after_bos_places_placeholders_after_bos() -> None:
     """The demo's Gemma layout: [bos][visual prompt][text], in training and in generation alike."""
     import torch
 
-    from blip2.inference import llm_prompt_ids, with_placeholders
+    from blip2.inference.tasks import llm_prompt_ids, with_placeholders
     from blip2.testing import make_tiny_model
 
     model = make_tiny_model(llm="opt")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import blip2.evaluate as evaluate
+import blip2.eval.runner as evaluate
 from blip2.data.scenes import write_split
-from blip2.evaluate import (
+from blip2.eval.runner import (
     attribute_accuracy,
     caption_metrics,
     load_coco_captions,
@@ -261,7 +261,7 @@ def test_loaders_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_postprocess_answer_normalises_then_cuts() -> None:
-    from blip2.evaluate import postprocess_answer
+    from blip2.eval.runner import postprocess_answer
 
     assert postprocess_answer(" Two.\n\nQuestion: next") == "2"
     assert postprocess_answer("a red circle", words=1) == "red"
@@ -270,7 +270,7 @@ def test_postprocess_answer_normalises_then_cuts() -> None:
 
 
 def test_image_path_by_id(tmp_path: Path) -> None:
-    from blip2.evaluate import _image_path
+    from blip2.eval.runner import _image_path
 
     (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"")
     (tmp_path / "7.png").write_bytes(b"")
@@ -283,7 +283,7 @@ def test_image_path_by_id(tmp_path: Path) -> None:
 
 def test_run_eval_with_coco_files_and_tiny_models(tmp_path: Path) -> None:
     """The same code path evaluates real datasets: COCO caption and VQA files plus an image folder."""
-    from blip2.evaluate import run_eval
+    from blip2.eval.runner import run_eval
     from blip2.testing import make_tiny_model
 
     split = write_split(tmp_path, "test", 3, seed=1, image_size=32)
@@ -317,7 +317,7 @@ def test_run_eval_true_description_ceiling_on_scenes(tmp_path: Path) -> None:
     """``vqa_true_description=N`` answers the first N images' questions after their true description, each
     prompt starting with it; it needs a scenes split (the descriptions come from the object lists)."""
     from blip2.data.scenes import detailed_caption
-    from blip2.evaluate import load_scenes_eval, run_eval
+    from blip2.eval.runner import load_scenes_eval, run_eval
     from blip2.testing import make_tiny_model
 
     split = write_split(tmp_path, "test", 3, seed=1, image_size=32)

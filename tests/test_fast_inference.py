@@ -14,7 +14,7 @@ import pytest
 import torch
 from hf_reference import left_padded_ids, make_hf_generation_model
 
-from blip2 import fast_generate
+from blip2.inference import fast as fast_generate
 from blip2.config import tiny_config
 from blip2.model import Blip2
 from blip2.testing import tiny_llm_tokenizer
@@ -126,7 +126,7 @@ def test_shared_prefix_answers_match_one_by_one_and_transformers(
     """Five questions about one image: the same answers as asking transformers one question at a time."""
     from PIL import Image
 
-    from blip2.inference import VQA_DEFAULTS, _generation_kwargs, llm_prompt_ids, pixel_values
+    from blip2.inference.tasks import VQA_DEFAULTS, _generation_kwargs, llm_prompt_ids, pixel_values
 
     hf, ours = hf_and_ours
     image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
@@ -193,7 +193,7 @@ def test_prepacked_linears_same_tokens(tmp_path: Path, pixels: torch.Tensor) -> 
 
 def test_retrieve_scores_each_pair_once_and_matches_direct_itm() -> None:
     """ITM over the union of the two shortlists gives the scores ITM gives pair by pair."""
-    from blip2.inference import qformer_text_ids, retrieve
+    from blip2.inference.tasks import qformer_text_ids, retrieve
     from blip2.model import Blip2QFormer
     from blip2.testing import tiny_bert_tokenizer
 

@@ -67,7 +67,7 @@ def test_official_size_captions_on_cpu(preset: str) -> None:
     model = Blip2(from_name(preset)).eval()
     built = time.perf_counter() - start
     image = Image.new("RGB", (224, 224), (200, 30, 30))
-    from blip2.inference import pixel_values
+    from blip2.inference.tasks import pixel_values
 
     pixels = pixel_values(model, [image])
     assert pixels.shape == (1, 3, 224, 224)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hf_reference import left_padded_ids, make_hf_generation_model, make_hf_retrieval_model
 
-from blip2.checkpoints import lavis_to_ours, ours_to_lavis
+from blip2.checkpoints.core import lavis_to_ours, ours_to_lavis
 from blip2.config import from_name, tiny_config
 from blip2.model import Blip2, Blip2QFormer
 
@@ -170,7 +170,7 @@ def test_qformer_from_bert_text_side_equals_bert() -> None:
     """A Q-Former initialised from BERT computes BERT's function on text (token type 0 folded in)."""
     from transformers import BertConfig, BertModel
 
-    from blip2.checkpoints import init_qformer_from_bert
+    from blip2.checkpoints.core import init_qformer_from_bert
 
     cfg = tiny_config(None)
     q = cfg.qformer

@@ -1,4 +1,4 @@
-"""Tests for blip2.pretrained: MiniLM tokenizer / weights, the atomic cache, Gemma 3 270M."""
+"""Tests for blip2.checkpoints.offline: MiniLM tokenizer / weights, the atomic cache, Gemma 3 270M."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from blip2 import pretrained
+from blip2.checkpoints import offline as pretrained
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig
-from blip2.pretrained import (
+from blip2.checkpoints.offline import (
     bert_state_dict,
     ensure_cached_dir,
     json_safe_config,
@@ -204,7 +204,7 @@ def test_killed_conversion_leaves_no_cache(tmp_path: Path) -> None:
         f"""
         import time
         from pathlib import Path
-        from blip2.pretrained import ensure_cached_dir
+        from blip2.checkpoints.offline import ensure_cached_dir
 
         def build(out):
             (out / "model.safetensors").write_bytes(b"x" * 1000)

@@ -1,4 +1,4 @@
-"""The HTTP API (blip2.serve): every endpoint, both encodings, every bad input, batching, queue full, load."""
+"""The HTTP API (blip2.serve.app): every endpoint, both encodings, every bad input, batching, queue full, load."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from PIL import Image
 
 from blip2.data.images import load_image
 from blip2.model import Blip2, Blip2QFormer
-from blip2.serve import ServeConfig, _load, background_server, create_app
-from blip2.serve_batching import BatcherClosed, MicroBatcher, QueueFull
+from blip2.serve.app import ServeConfig, _load, background_server, create_app
+from blip2.serve.batching import BatcherClosed, MicroBatcher, QueueFull
 from blip2.testing import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_train_toy import ToyDataset, ToyRegressor, build, collate  # noqa: E402
 
-from blip2.train import (  # noqa: E402
+from blip2.train.loop import (  # noqa: E402
     TrainConfig,
     apply_overrides,
     build_optimizer,

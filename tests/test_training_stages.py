@@ -11,9 +11,9 @@ import torch
 from blip2.config import tiny_config
 from blip2.data.scenes import make_split
 from blip2.model import Blip2, Blip2QFormer
-from blip2.recipes import load_stage1_into, train
+from blip2.train.recipes import load_stage1_into, train
 from blip2.testing import make_tiny_model, pretrain_tiny_llm, tiny_bert_tokenizer
-from blip2.train import TrainConfig
+from blip2.train.loop import TrainConfig
 
 STEPS = 24
 
@@ -200,7 +200,7 @@ def test_rank0_builds_shared_files_and_the_others_wait_for_this_run(tmp_path: Pa
     """Under torchrun only rank 0 writes the scenes and the feature cache (two ranks writing the same PNGs,
     or reading half-written ones, gave the ranks different batches and gloo aborted); the others wait for a
     marker naming this launch, never for one an earlier run left behind."""
-    from blip2.recipes import _rank0_first
+    from blip2.train.recipes import _rank0_first
 
     marker = tmp_path / ".ready"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -247,7 +247,7 @@ def test_feature_cache_reuse_only_refuses_a_mismatched_cache(tmp_path: Path) -> 
 def test_recipe_model_init_is_seeded() -> None:
     """torch seeds its default generator differently in every process, so an unseeded build gave every
     torchrun rank (and every rerun) a different random frozen encoder; the recipe's seed fixes the weights."""
-    from blip2.recipes import build_model
+    from blip2.train.recipes import build_model
 
     def weights(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed + 100)  # whatever the caller's RNG state, the build draws from `seed`
@@ -274,7 +274,7 @@ def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path,
     cfg.max_steps, cfg.batch_size = 6, 1
     cfg.data = {"kind": "jsonl", "annotations": str(root / "captions.jsonl"), "images": str(root),
                 "max_length": 24}
-    with caplog.at_level("WARNING", logger="blip2.train"):
+    with caplog.at_level("WARNING", logger="blip2.train.loop"):
         train(cfg, make_tiny_model(None, llm="opt"))
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
         1, 2, 3, 4, 5, 6]

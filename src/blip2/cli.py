@@ -27,12 +27,12 @@ DEFAULT_MODEL = os.environ.get("BLIP2_MODEL", "blip2-demo/model")
 
 def _load(model: str, device: str = "cpu", optimize: bool = False) -> Any:
     """Load for inference; ``optimize`` pre-packs the frozen image encoder and LLM weights on CPU
-    (`blip2.fast_generate.optimize_for_cpu_inference`: the same tokens, about 2x faster generation here)."""
-    from blip2.checkpoints import load_any
+    (`blip2.inference.fast.optimize_for_cpu_inference`: the same tokens, about 2x faster generation here)."""
+    from blip2.checkpoints.core import load_any
 
     loaded = load_any(model, map_location=device).eval()
     if optimize:
-        from blip2.fast_generate import optimize_for_cpu_inference
+        from blip2.inference.fast import optimize_for_cpu_inference
 
         optimize_for_cpu_inference(loaded)  # a no-op off CPU
     return loaded
@@ -63,34 +63,34 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from blip2.checkpoints import convert
+    from blip2.checkpoints.core import convert
 
     out = convert(args.source, args.destination, to=args.to, preset=args.config, llm_prefix=args.llm_prefix)
     _print({"written": str(out)}, args.json, [f"wrote {out}"])
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from blip2.recipes import train_from_config
+    from blip2.train.recipes import train_from_config
 
     metrics = train_from_config(args.config, args.overrides)
     _print(metrics, args.json, [f"{k}: {v}" for k, v in metrics.items()])
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from blip2.demo import run_demo
+    from blip2.demo.settings import run_demo
 
     metrics = run_demo(Path(args.output), quick=args.quick)
     _print(metrics, args.json, [f"demo written to {args.output}"])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from blip2.evaluate import main as eval_main
+    from blip2.eval.runner import main as eval_main
 
     eval_main(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from blip2.serve import ServeConfig, serve
+    from blip2.serve.app import ServeConfig, serve
 
     config = ServeConfig(
         max_batch=args.max_batch,
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
-    from blip2.checkpoints import CheckpointError
+    from blip2.checkpoints.core import CheckpointError
 
     try:
         func(args)

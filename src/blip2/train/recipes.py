@@ -1,7 +1,7 @@
 """From a YAML run recipe to a trained model: builds the model, the data and the batches for stage 1 / 2.
 
 ``blip2 train --config configs/<recipe>.yaml key=value ...`` calls `train_from_config`. A recipe is a
-`blip2.train.TrainConfig` whose free-form ``model`` and ``data`` sections are read here:
+`blip2.train.loop.TrainConfig` whose free-form ``model`` and ``data`` sections are read here:
 
 model:
   stage: 1 | 2
@@ -65,8 +65,8 @@ def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
         model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=bool(section.get("pretrained_vision")))
         init = section.get("qformer_init", "none")
         if init and init != "none":
-            from blip2.checkpoints import init_qformer_from_bert
-            from blip2.pretrained import bert_state_dict, load_bert_tokenizer, minilm_path
+            from blip2.checkpoints.core import init_qformer_from_bert
+            from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer, minilm_path
 
             path = minilm_path() if init == "minilm" else init
             init_qformer_from_bert(model.qformer, bert_state_dict(path))
@@ -303,14 +303,14 @@ def train_from_config(
     path: str | os.PathLike[str], overrides: Sequence[str] = (), model: nn.Module | None = None
 ) -> dict[str, Any]:
     """Load a recipe, build everything, train, and save the final model to ``output_dir/model``."""
-    from blip2.train import load_config
+    from blip2.train.loop import load_config
 
     cfg = load_config(path, overrides)
     return train(cfg, model)
 
 
 def train(cfg: Any, model: nn.Module | None = None) -> dict[str, Any]:
-    from blip2.train import run_training
+    from blip2.train.loop import run_training
 
     model = model if model is not None else build_model(cfg.model, seed=cfg.seed)
     out = Path(cfg.output_dir)

@@ -136,7 +136,7 @@ def answer(
     With ``shared_prefix`` (decoder-only LLMs whose positions follow the attention mask, e.g. OPT), the
     LLM also runs the part of the prompt the questions share (the image's visual prompt and the template's
     leading text) once per image, and each question's prompt once rather than once per beam
-    (`blip2.fast_generate.shared_prefix_generate`; the same answers as asking one by one).
+    (`blip2.inference.fast.shared_prefix_generate`; the same answers as asking one by one).
     """
     questions = _as_list(questions)
     images = _as_list(images)
@@ -177,7 +177,7 @@ def _answer_shared_prefix(
     model: Any, visual: torch.Tensor, rows: torch.Tensor, prompts: list[str], kwargs: dict[str, Any]
 ) -> list[str] | None:
     """Answers through `shared_prefix_generate`, or None when that path does not apply to this model."""
-    from blip2.fast_generate import (
+    from blip2.inference.fast import (
         common_prefix_length,
         expansion_factor,
         positions_follow_mask,

@@ -1,4 +1,4 @@
-"""The steps of `blip2.demo.run_demo`, one method each, every one cached (see `blip2.demo` for the layout)."""
+"""The steps of `blip2.demo.settings.run_demo`, one method each, every one cached (see `blip2.demo.settings` for the layout)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from blip2.demo import DemoSettings, demo_config, stage2_captions
-from blip2.demo_stages import (
+from blip2.demo.settings import DemoSettings, demo_config, stage2_captions
+from blip2.demo.stages import (
     FeatureCaptionDataset,
     Stage1Collator,
     Stage2Collator,
@@ -27,7 +27,7 @@ from blip2.demo_stages import (
     trainable_weights,
 )
 from blip2.model import Blip2, Blip2QFormer
-from blip2.pretrained import ensure_cached_dir
+from blip2.checkpoints.offline import ensure_cached_dir
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Pipeline:
 
     def _pretrain_vit(self, vit: torch.nn.Module, processor: Any, data_dir: Path) -> list[float]:
         from blip2.data.images import load_image
-        from blip2.demo_vit import pretrain_vit_contrastive
+        from blip2.demo.encoder import pretrain_vit_contrastive
 
         rows = read_scene_split(data_dir / "train")
         pixels = processor([load_image(r["image"]) for r in rows])  # (N, 3, H, W)
@@ -144,7 +144,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- evaluation
     def evaluate(self, data_dir: Path, stage1: Blip2QFormer, stage2: Blip2) -> dict[str, Any]:
-        from blip2.evaluate import run_eval
+        from blip2.eval.runner import run_eval
 
         s, key = self.s, self.keys["eval"]
         path = self.cache / f"eval-{key}.json"
@@ -222,7 +222,7 @@ class Pipeline:
         }
 
     def report(self, data_dir: Path, results: dict[str, Any], metrics: dict[str, Any]) -> Path:
-        from blip2.demo_report import write_report
+        from blip2.demo.report import write_report
 
         plots = [p for p in (self.out / "stage1_losses.png", self.out / "stage2_losses.png") if p.is_file()]
         return write_report(self.out / "report.html", data_dir / "test", results, metrics, plots, self.s.n_report)

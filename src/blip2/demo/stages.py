@@ -1,5 +1,5 @@
 """The pieces of the offline demo's pipeline: frozen image features, feature datasets, collators, the two
-pretraining stages (through `blip2.train.run_training`), and building/loading the demo models.
+pretraining stages (through `blip2.train.loop.run_training`), and building/loading the demo models.
 
 Everything here trains from *cached frozen features* (B, P, Dv): the image encoder is frozen and the demo
 uses no augmentation (positional captions forbid flips; random crops could cut objects out), so each image's
@@ -23,10 +23,10 @@ from blip2.config import Blip2Config
 from blip2.data.images import load_image
 from blip2.data.transforms import ImageProcessor
 from blip2.model import Blip2, Blip2QFormer
-from blip2.train import TrainConfig, run_training
+from blip2.train.loop import TrainConfig, run_training
 
 if TYPE_CHECKING:
-    from blip2.demo import DemoSettings, StageSettings
+    from blip2.demo.settings import DemoSettings, StageSettings
 
 DONE_FILE = "done.json"
 
@@ -121,13 +121,13 @@ class Stage1Collator:
 class Stage2Collator:
     """Features + LLM token ids ``[bos] prompt caption [eos]`` (right-padded), labels on caption + eos only.
 
-    The image's visual prompt goes where `blip2.inference.with_placeholders` puts it at inference (prepended
+    The image's visual prompt goes where `blip2.inference.tasks.with_placeholders` puts it at inference (prepended
     by the model, or at placeholder ids after BOS), so the LLM sees in training exactly what it sees when it
     captions or answers.
     """
 
     def __init__(self, tokenizer: Any, model: Blip2, prompt: str, max_length: int) -> None:
-        from blip2.inference import with_placeholders
+        from blip2.inference.tasks import with_placeholders
 
         self.tokenizer = tokenizer
         bos_token_id = getattr(model.language_model.config, "bos_token_id", None)
@@ -178,8 +178,8 @@ def load_llm_tokenizer(settings: DemoSettings, config: Blip2Config) -> Any:
 
 def build_stage1_model(settings: DemoSettings, vit_state: dict[str, torch.Tensor]) -> Blip2QFormer:
     """The stage-1 model: the demo's frozen ViT (given weights), a Q-Former from MiniLM (or tiny, random)."""
-    from blip2.checkpoints import init_qformer_from_bert
-    from blip2.demo import demo_config
+    from blip2.checkpoints.core import init_qformer_from_bert
+    from blip2.demo.settings import demo_config
 
     config = demo_config(settings, with_llm=False)
     torch.manual_seed(settings.seed)
@@ -190,7 +190,7 @@ def build_stage1_model(settings: DemoSettings, vit_state: dict[str, torch.Tensor
 
         model.tokenizer = tiny_bert_tokenizer()
     else:
-        from blip2.pretrained import bert_state_dict, load_bert_tokenizer
+        from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer
 
         init_qformer_from_bert(model.qformer, bert_state_dict())
         model.tokenizer = load_bert_tokenizer()
@@ -199,7 +199,7 @@ def build_stage1_model(settings: DemoSettings, vit_state: dict[str, torch.Tensor
 
 def build_stage2_model(settings: DemoSettings, stage1: Blip2QFormer) -> Blip2:
     """The stage-2 model: the stage-1 image side (ViT, ln_vision, queries, Q-Former) and the frozen LLM."""
-    from blip2.demo import demo_config
+    from blip2.demo.settings import demo_config
 
     config = demo_config(settings, with_llm=True)
     torch.manual_seed(settings.seed + 1)

@@ -11,7 +11,7 @@ reuses finished work and a killed run resumes training from its last checkpoint)
 4. stage 2:   the Q-Former's queries → Linear → soft visual prompt of the frozen Gemma 3 270M, LM loss on
               captions only (no question is ever seen in training).
 5. evaluate:  retrieval (ITC shortlist + ITM re-rank), captions (CIDEr, BLEU-4, attribute accuracy) and
-              zero-shot VQA per question type, on the held-out split (`blip2.evaluate.run_eval`).
+              zero-shot VQA per question type, on the held-out split (`blip2.eval.runner.run_eval`).
 6. outputs:   ``DIR/model`` (stage 2, ``Blip2.from_pretrained``), ``DIR/qformer`` (stage 1, for retrieval),
               ``DIR/metrics.json``, ``DIR/stage{1,2}_losses.png``, ``DIR/report.html``; the scenes in
               ``DIR/data``.
@@ -166,7 +166,7 @@ def demo_config(settings: DemoSettings | None = None, with_llm: bool = True) -> 
         qformer = dataclasses.replace(tiny.qformer, encoder_hidden_size=s.vit_width)
         llm = tiny.llm
     else:
-        from blip2.pretrained import gemma3_llm_config, minilm_qformer_config
+        from blip2.checkpoints.offline import gemma3_llm_config, minilm_qformer_config
 
         qformer = minilm_qformer_config(
             num_query_tokens=s.num_query_tokens,
@@ -265,7 +265,7 @@ def run_demo(output: Path, quick: bool = False, settings: DemoSettings | None = 
 
 
 def _run(output: Path, settings: DemoSettings, started: float) -> dict[str, Any]:
-    from blip2.demo_pipeline import Pipeline
+    from blip2.demo.pipeline import Pipeline
 
     output.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(settings, output, cache_keys(settings))

@@ -619,7 +619,7 @@ def eval_retrieval(
 ) -> dict[str, Any]:
     """Image↔text recall@1/5/10 of a stage-1 model: ITC shortlist of ``k`` re-ranked by ITM (as LAVIS), and the
     ITC-only recall for comparison."""
-    from blip2.inference import retrieve
+    from blip2.inference.tasks import retrieve
 
     texts = [t for group in texts_per_image for t in group]
     img_to_txt: list[list[int]] = []
@@ -848,7 +848,7 @@ def _format_summary(result: Mapping[str, Any]) -> list[str]:
 
 def main(args: Any) -> None:
     """`blip2 eval`: load the models named by ``args`` and run `run_eval`; print a summary or JSON."""
-    from blip2.checkpoints import load_any
+    from blip2.checkpoints.core import load_any
 
     device = getattr(args, "device", "cpu")
     model = load_any(args.model, map_location=device).eval() if args.model else None

@@ -12,7 +12,7 @@ Every error is JSON, ``{"error": "..."}``, naming the problem: 400 bad input, 41
 nor multipart, 503 queue full (with ``Retry-After``), 504 timed out, 500 the model failed.
 
 Requests are decoded (and resized to the model's input size, exactly as its processor would) in worker
-threads, then queued for the model; see `blip2.serve_batching` for how concurrent requests share a model call.
+threads, then queued for the model; see `blip2.serve.batching` for how concurrent requests share a model call.
 Use `create_app` to serve a model object you already have (tests do), `serve` to load one and run uvicorn.
 """
 
@@ -44,11 +44,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blip2.data.images import ImageError, load_image
-from blip2.serve_batching import BatcherClosed, MicroBatcher, QueueFull
+from blip2.serve.batching import BatcherClosed, MicroBatcher, QueueFull
 
 __all__ = ["ServeConfig", "create_app", "serve", "background_server", "ApiError"]
 
-log = logging.getLogger("blip2.serve")
+log = logging.getLogger("blip2.serve.app")
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_TEXT_CHARS = 1000  # per prompt, question or text: longer ones are certainly not meant for a 32-token model
 
@@ -439,7 +439,7 @@ def _retrieve(model: Any, jobs: Sequence[_RetrieveJob]) -> list[dict[str, Any]]:
     """The image encoder runs once for the whole group; each request's texts are ranked on their own."""
     import torch
 
-    from blip2.inference import pixel_values, retrieve
+    from blip2.inference.tasks import pixel_values, retrieve
 
     n = len(jobs)
     if not hasattr(model, "encode_image"):  # a duck-typed model: one call per request
