@@ -88,8 +88,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    print(f"{args.encoder}: {sum(p.numel() for p in encoder.parameters()):,} parameters, {len(train)} train images, "
-          f"{tuple(pixels.shape[-2:])} px")
+    print(
+        f"{args.encoder}: {sum(p.numel() for p in encoder.parameters()):,} parameters, {len(train)} train images, "
+        f"{tuple(pixels.shape[-2:])} px"
+    )
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr

@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from blip2.checkpoints.offline import gemma3_270m
 from blip2.data.scenes import COLORS, NUMBER_WORDS, SHAPES, detailed_caption, make_split
 from blip2.eval.runner import postprocess_answer
-from blip2.checkpoints.offline import gemma3_270m
 
 POSITIONS = ("left", "right", "top", "bottom", "center")
 
@@ -43,13 +43,15 @@ def main() -> None:
     candidates = [tokenizer(" " + word, add_special_tokens=False).input_ids for word in vocab]
     width = max(map(len, candidates))
 
-    right: dict[str, dict[str, list[bool]]] = {"open": collections.defaultdict(list),
-                                               "ranked": collections.defaultdict(list)}
+    right: dict[str, dict[str, list[bool]]] = {
+        "open": collections.defaultdict(list),
+        "ranked": collections.defaultdict(list),
+    }
     start = time.perf_counter()
     for prompt, answer, kind in items:
         ids = tokenizer(prompt).input_ids
         out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
-        said = postprocess_answer(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True), 1)
+        said = postprocess_answer(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True), 1)
         # every candidate after the same prompt in one batch; the LM head only where a candidate token is scored
         rows = torch.tensor([ids + c + [0] * (width - len(c)) for c in candidates])  # (V, T)
         hidden = model.model(input_ids=rows).last_hidden_state  # (V, T, D)

@@ -47,8 +47,12 @@ def main() -> None:
     part = slice((0, 3, 8)[rank], (0, 3, 8)[rank + 1])
     lengths = torch.tensor([6, 4, 5, 6, 3, 6, 2, 5])[part]  # ranks pad to different widths
     mask = (torch.arange(6)[None] < lengths[:, None]).long()[:, : int(lengths.max())]
-    step = model(input_ids=ids[part, : mask.shape[1]] * mask, attention_mask=mask, pixel_values=pixels[part],
-                 generator=torch.Generator().manual_seed(rank))
+    step = model(
+        input_ids=ids[part, : mask.shape[1]] * mask,
+        attention_mask=mask,
+        pixel_values=pixels[part],
+        generator=torch.Generator().manual_seed(rank),
+    )
     step.loss.backward()
     assert all(torch.isfinite(v) for v in step.losses.values()), step.losses
     if rank == 0:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from blip2.train.recipes import build_collate, build_dataset
 from blip2.testing import make_tiny_model
 from blip2.train.loop import TrainConfig, run_training
+from blip2.train.recipes import build_collate, build_dataset
 
 
 def main() -> None:

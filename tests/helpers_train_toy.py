@@ -58,8 +58,13 @@ class ToyRegressor(nn.Module):
 class ToyDataset(Dataset):
     """Fixed random regression data; ``augment`` adds noise drawn from ``self.generator`` per item."""
 
-    def __init__(self, num_samples: int = 36, augment: bool = False, data_seed: int = 123,
-                 unreadable: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        num_samples: int = 36,
+        augment: bool = False,
+        data_seed: int = 123,
+        unreadable: frozenset[int] = frozenset(),
+    ) -> None:
         self.unreadable = unreadable  # items that come back as None, like an image that cannot be decoded
         g = torch.Generator().manual_seed(data_seed)
         self.x = torch.randn(num_samples, IN_DIM, generator=g)
@@ -117,17 +122,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.unreadable_every:
         dataset.unreadable = frozenset(range(0, len(dataset), args.unreadable_every))
     cfg = TrainConfig(
-        output_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.accum,
-        lr=args.lr, min_lr=args.lr / 10, warmup_steps=2, save_every=args.save_every, log_every=1,
-        num_workers=0, device="cpu", precision="fp32", resume=args.resume, seed=7,
+        output_dir=args.out,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum_steps=args.accum,
+        lr=args.lr,
+        min_lr=args.lr / 10,
+        warmup_steps=2,
+        save_every=args.save_every,
+        log_every=1,
+        num_workers=0,
+        device="cpu",
+        precision="fp32",
+        resume=args.resume,
+        seed=7,
     )
 
     def kill_switch(step: int, _metrics: Mapping[str, float]) -> None:
         if step == args.kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a hard crash
 
-    run_training(cfg, model, dataset, collate, rng_generators={"augment": dataset.generator},
-                 callbacks=[kill_switch])
+    run_training(cfg, model, dataset, collate, rng_generators={"augment": dataset.generator}, callbacks=[kill_switch])
     if int(os.environ.get("RANK", 0)) == 0:
         torch.save(model.state_dict(), Path(args.out) / "final_state.pt")
 

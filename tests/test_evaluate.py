@@ -330,18 +330,25 @@ def test_run_eval_true_description_ceiling_on_scenes(tmp_path: Path) -> None:
         return answer(images, questions, prompt_template=prompt_template, **kwargs)
 
     model.answer = spy  # type: ignore[method-assign]
-    result = run_eval(model=model, scenes=split, vqa_generation={"num_beams": 1, "max_new_tokens": 2},
-                      caption_generation={"num_beams": 1, "max_new_tokens": 2}, vqa_true_description=2,
-                      keep_predictions=True, progress=False)
+    result = run_eval(
+        model=model,
+        scenes=split,
+        vqa_generation={"num_beams": 1, "max_new_tokens": 2},
+        caption_generation={"num_beams": 1, "max_new_tokens": 2},
+        vqa_true_description=2,
+        keep_predictions=True,
+        progress=False,
+    )
     data = load_scenes_eval(split)
     first_two = [q for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in (0, 1)]
     ceiling = result["vqa_true_caption"]
     assert ceiling["n_images"] == 2 and set(ceiling["predictions"]) == set(first_two)
     assert ceiling["context"] == "true description"
-    told = prompts[-len(first_two):]
+    told = prompts[-len(first_two) :]
     for image_id in (0, 1):
         description = detailed_caption(data["objects"][image_id])
         assert sum(p.startswith(description + ". Question:") for p in told) == sum(
-            data["questions"][q]["image_id"] == image_id for q in first_two)
+            data["questions"][q]["image_id"] == image_id for q in first_two
+        )
     with pytest.raises(ValueError, match="scenes split"):
         run_eval(model=model, coco_captions=split / "captions_coco.json", images=split, vqa_true_description=2)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from hf_reference import left_padded_ids, make_hf_generation_model
 
-from blip2.inference import fast as fast_generate
 from blip2.config import tiny_config
+from blip2.inference import fast as fast_generate
 from blip2.model import Blip2
 from blip2.testing import tiny_llm_tokenizer
 

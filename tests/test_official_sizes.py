@@ -73,6 +73,8 @@ def test_official_size_captions_on_cpu(preset: str) -> None:
     assert pixels.shape == (1, 3, 224, 224)
     start = time.perf_counter()
     tokens = model.generate(pixel_values=pixels, num_beams=1, max_new_tokens=5)
-    print(f"{preset}: {_count(model):,} parameters, built in {built:.0f}s, 5 greedy tokens in "
-          f"{time.perf_counter() - start:.0f}s: {tokens.tolist()}")
+    print(
+        f"{preset}: {_count(model):,} parameters, built in {built:.0f}s, 5 greedy tokens in "
+        f"{time.perf_counter() - start:.0f}s: {tokens.tolist()}"
+    )
     assert tokens.shape[0] == 1 and tokens.shape[1] >= 2

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from blip2.checkpoints import offline as pretrained
-from blip2.config import Blip2Config, LLMConfig, QFormerConfig
 from blip2.checkpoints.offline import (
     bert_state_dict,
     ensure_cached_dir,
@@ -27,6 +26,7 @@ from blip2.checkpoints.offline import (
     read_marker,
     save_plain_hf,
 )
+from blip2.config import Blip2Config, LLMConfig, QFormerConfig
 
 
 def _has(module: str) -> bool:

@@ -38,8 +38,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
     base: dict[str, object] = dict(
-        output_dir=str(tmp_path), max_steps=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2,
-        log_every=1, save_every=1000, num_workers=0, device="cpu", precision="fp32", seed=3,
+        output_dir=str(tmp_path),
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        log_every=1,
+        save_every=1000,
+        num_workers=0,
+        device="cpu",
+        precision="fp32",
+        seed=3,
     )
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
@@ -108,8 +118,9 @@ class _Named(nn.Module):
 def test_no_decay_param_groups() -> None:
     decay, no_decay = split_decay_params(_Named())
     assert decay == ["proj.weight"]
-    assert sorted(no_decay) == sorted([
-        "query_tokens", "embeddings.weight", "ln_vision.weight", "ln_vision.bias", "proj.bias", "temp"])
+    assert sorted(no_decay) == sorted(
+        ["query_tokens", "embeddings.weight", "ln_vision.weight", "ln_vision.bias", "proj.bias", "temp"]
+    )
     decay, _ = split_decay_params(_Named(), decay_embeddings=True)  # LAVIS's rule
     assert sorted(decay) == ["embeddings.weight", "proj.weight", "query_tokens"]
 
@@ -161,9 +172,13 @@ def test_frozen_params_unchanged_and_loss_falls(tmp_path: Path) -> None:
     model, dataset = build(dropout=0.1, augment=True)
     frozen_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     trainable_before = model.fc1.weight.detach().clone()
-    metrics = run_training(_cfg(tmp_path, max_steps=80, batch_size=8, lr=2e-2, warmup_steps=5, log_every=10,
-                                save_every=40),
-                           model, dataset, collate, rng_generators={"augment": dataset.generator})
+    metrics = run_training(
+        _cfg(tmp_path, max_steps=80, batch_size=8, lr=2e-2, warmup_steps=5, log_every=10, save_every=40),
+        model,
+        dataset,
+        collate,
+        rng_generators={"augment": dataset.generator},
+    )
 
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, frozen_before[key]), key
@@ -240,8 +255,20 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     """
     common = ["--steps", "8", "--accum", "2", "--save-every", "4"]
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HELPER), "--out", str(two), "--batch-size", "4", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(HELPER),
+        "--out",
+        str(two),
+        "--batch-size",
+        "4",
+        *common,
+    ]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     one = _helper(tmp_path / "one", "--batch-size", "8", *common)
     _finish(proc)
@@ -252,8 +279,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0)
     assert _steps(two) == list(range(1, 9))  # rank 0 alone writes metrics
-    assert sorted(p.name for p in (two / "checkpoints").glob("*.pt")) == ["step_00000004.pt",
-                                                                           "step_00000008.pt"]
+    assert sorted(p.name for p in (two / "checkpoints").glob("*.pt")) == ["step_00000004.pt", "step_00000008.pt"]
     state = load_checkpoint(two / "checkpoints" / "step_00000008.pt")
     assert len(state["rng"]) == 2 and state["world_size"] == 2
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
@@ -268,9 +294,26 @@ def test_two_ranks_skip_empty_batches_together_and_resume_exactly(tmp_path: Path
     bit-identical to an uninterrupted one, every step on real samples (no NaN)."""
 
     def launch(out: Path, *extra: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HELPER), "--out", str(out), "--batch-size", "1", "--steps", "10", "--save-every", "4",
-               "--unreadable-every", "2", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(HELPER),
+            "--out",
+            str(out),
+            "--batch-size",
+            "1",
+            "--steps",
+            "10",
+            "--save-every",
+            "4",
+            "--unreadable-every",
+            "2",
+            *extra,
+        ]
         return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -302,8 +345,17 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         "model:\n  preset: tiny\n  qformer:\n    num_hidden_layers: 12\n"
         "data:\n  path: /data/coco\n"
     )
-    cfg = load_config(recipe, ["lr=3e-4", "max_steps=7", "betas=[0.9, 0.99]", "resume=true",
-                               "model.qformer.num_hidden_layers=2", "data.extra.shards=4"])
+    cfg = load_config(
+        recipe,
+        [
+            "lr=3e-4",
+            "max_steps=7",
+            "betas=[0.9, 0.99]",
+            "resume=true",
+            "model.qformer.num_hidden_layers=2",
+            "data.extra.shards=4",
+        ],
+    )
     assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)  # YAML reads 1e-4 as a string: coerced
     assert cfg.max_steps == 7 and cfg.betas == (0.9, 0.99) and cfg.resume is True
     assert cfg.model == {"preset": "tiny", "qformer": {"num_hidden_layers": 2}}

@@ -11,9 +11,9 @@ import torch
 from blip2.config import tiny_config
 from blip2.data.scenes import make_split
 from blip2.model import Blip2, Blip2QFormer
-from blip2.train.recipes import load_stage1_into, train
 from blip2.testing import make_tiny_model, pretrain_tiny_llm, tiny_bert_tokenizer
 from blip2.train.loop import TrainConfig
+from blip2.train.recipes import load_stage1_into, train
 
 STEPS = 24
 
@@ -195,8 +195,9 @@ def test_stage1_under_torchrun_two_processes(tmp_path: Path) -> None:
     assert (out / "model" / "model.safetensors").exists()
 
 
-def test_rank0_builds_shared_files_and_the_others_wait_for_this_run(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rank0_builds_shared_files_and_the_others_wait_for_this_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under torchrun only rank 0 writes the scenes and the feature cache (two ranks writing the same PNGs,
     or reading half-written ones, gave the ranks different batches and gloo aborted); the others wait for a
     marker naming this launch, never for one an earlier run left behind."""
@@ -238,8 +239,7 @@ def test_feature_cache_reuse_only_refuses_a_mismatched_cache(tmp_path: Path) -> 
     with pytest.raises(RuntimeError, match="does not match"):
         build_feature_cache(model.vision_model, paths, processor, cache, reuse_only=True)
     built = build_feature_cache(model.vision_model, paths, processor, cache)
-    torch.testing.assert_close(build_feature_cache(model.vision_model, paths, processor, cache, reuse_only=True),
-                               built)
+    torch.testing.assert_close(build_feature_cache(model.vision_model, paths, processor, cache, reuse_only=True), built)
     with pytest.raises(RuntimeError, match="does not match"):
         build_feature_cache(model.vision_model, paths[:2], processor, cache, reuse_only=True)
 
@@ -257,12 +257,12 @@ def test_recipe_model_init_is_seeded() -> None:
     assert first.keys() == again.keys()
     for name, value in first.items():
         torch.testing.assert_close(again[name], value, atol=0, rtol=0, msg=name)
-    assert not torch.equal(other["vision_model.embeddings.patch_embedding.weight"],
-                           first["vision_model.embeddings.patch_embedding.weight"])
+    assert not torch.equal(
+        other["vision_model.embeddings.patch_embedding.weight"], first["vision_model.embeddings.patch_embedding.weight"]
+    )
 
 
-def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The collator drops unreadable images; a micro-batch left empty is skipped (two of three images are
     corrupt, batch size 1: 10 of every 15 micro-batches) and the run still takes every optimiser step."""
     from blip2.data.scenes import write_split
@@ -272,11 +272,16 @@ def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path,
         (root / "images" / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     cfg = _cfg(tmp_path / "run", 2)
     cfg.max_steps, cfg.batch_size = 6, 1
-    cfg.data = {"kind": "jsonl", "annotations": str(root / "captions.jsonl"), "images": str(root),
-                "max_length": 24}
+    cfg.data = {"kind": "jsonl", "annotations": str(root / "captions.jsonl"), "images": str(root), "max_length": 24}
     with caplog.at_level("WARNING", logger="blip2.train.loop"):
         train(cfg, make_tiny_model(None, llm="opt"))
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
-        1, 2, 3, 4, 5, 6]
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     assert all(v == v for v in _losses(tmp_path / "run"))  # no NaN from an empty batch
     assert sum("no readable sample" in r.getMessage() for r in caplog.records) >= 2

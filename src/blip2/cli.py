@@ -177,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--vqa-caption-context", action="store_true", help="also answer after the model's own caption")
-    p.add_argument("--vqa-true-description", type=int, default=0, metavar="N",
-                   help="scenes: also answer the first N images' questions after their true description "
-                   "(the LLM's ceiling)")
+    p.add_argument(
+        "--vqa-true-description",
+        type=int,
+        default=0,
+        metavar="N",
+        help="scenes: also answer the first N images' questions after their true description (the LLM's ceiling)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="HTTP API and web page")

@@ -1,4 +1,4 @@
-"""The steps of `blip2.demo.settings.run_demo`, one method each, every one cached (see `blip2.demo.settings` for the layout)."""
+"""The steps of `blip2.demo.settings.run_demo`, one method each, every one cached (layout: `blip2.demo.settings`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from blip2.checkpoints.offline import ensure_cached_dir
 from blip2.demo.settings import DemoSettings, demo_config, stage2_captions
 from blip2.demo.stages import (
     FeatureCaptionDataset,
@@ -27,7 +28,6 @@ from blip2.demo.stages import (
     trainable_weights,
 )
 from blip2.model import Blip2, Blip2QFormer
-from blip2.checkpoints.offline import ensure_cached_dir
 
 logger = logging.getLogger(__name__)
 

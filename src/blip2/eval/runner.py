@@ -776,7 +776,11 @@ def run_eval(
     kept = set(image_ids)
 
     result: dict[str, Any] = {
-        "retrieval": None, "captions": None, "vqa": None, "vqa_with_caption": None, "vqa_true_caption": None
+        "retrieval": None,
+        "captions": None,
+        "vqa": None,
+        "vqa_with_caption": None,
+        "vqa_true_caption": None,
     }
     if retrieval_model is not None and references is not None:
         result["retrieval"] = eval_retrieval(

@@ -229,8 +229,9 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
         value = yaml.safe_load(text) if text.strip() else None
         head, *rest = key.split(".")
         if head not in hints:
-            raise KeyError(f"unknown training option {head!r} in override {item!r}; "
-                           f"known options: {', '.join(sorted(hints))}")
+            raise KeyError(
+                f"unknown training option {head!r} in override {item!r}; known options: {', '.join(sorted(hints))}"
+            )
         if not rest:
             values[head] = value
             continue
@@ -334,8 +335,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Lambd
     """``lr_at`` as a LambdaLR (every group has base lr ``cfg.lr``)."""
 
     def factor(step: int) -> float:
-        return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                     max_steps=cfg.max_steps) / cfg.lr
+        return (
+            lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps) / cfg.lr
+        )
 
     return LambdaLR(optimizer, factor)
 
@@ -350,8 +352,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator],
-                      device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+def capture_rng_state(
+    generators: Mapping[str, torch.Generator], device: torch.device = torch.device("cpu")
+) -> dict[str, Any]:
     """Every RNG state this process uses, as tensors and plain types (loadable with weights_only=True).
 
     CUDA: only ``device``'s generator (touching every GPU would create a context on each from every rank).
@@ -359,16 +362,21 @@ def capture_rng_state(generators: Mapping[str, torch.Generator],
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
 
 
-def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator],
-                      device: torch.device = torch.device("cpu")) -> None:
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator], device: torch.device = torch.device("cpu")
+) -> None:
     if set(state["generators"]) != set(generators):
         raise ValueError(
             f"checkpoint has RNG generators {sorted(state['generators'])}, this run passes "
@@ -376,8 +384,15 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
         )
     random.setstate(state["python"])
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if device.type == "cuda":
         if state["cuda"] is None:
@@ -468,8 +483,9 @@ def find_checkpoint(resume: bool | str, output_dir: str | os.PathLike[str]) -> P
         for directory in (path, path / CHECKPOINT_DIR):
             if directory.is_dir() and (found := _latest_in(directory)):
                 return found
-    raise FileNotFoundError(f"resume={resume!r}: no checkpoint file there (expected a step_*.pt file or "
-                            f"a directory holding one)")
+    raise FileNotFoundError(
+        f"resume={resume!r}: no checkpoint file there (expected a step_*.pt file or a directory holding one)"
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -486,8 +502,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 class _BatchStream:
     """Endless micro-batches across epochs, remembering (epoch, global samples consumed in the epoch)."""
 
-    def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, cfg: TrainConfig,
-                 info: DistInfo, epoch: int = 0, samples_in_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        cfg: TrainConfig,
+        info: DistInfo,
+        epoch: int = 0,
+        samples_in_epoch: int = 0,
+    ) -> None:
         self.dataset, self.collate_fn, self.cfg, self.info = dataset, collate_fn, cfg, info
         self.epoch, self.samples_in_epoch = epoch, samples_in_epoch
         self.global_batch = cfg.batch_size * info.world_size
@@ -499,17 +522,27 @@ class _BatchStream:
         # A dedicated generator: creating an iterator must not draw from the global torch RNG (which would
         # shift dropout masks between an uninterrupted run and a resumed one); it also seeds the workers.
         loader_generator = torch.Generator().manual_seed(
-            self.cfg.seed + 7919 * self.epoch + 104729 * self.info.rank + 1)
+            self.cfg.seed + 7919 * self.epoch + 104729 * self.info.rank + 1
+        )
         common: dict[str, Any] = {
-            "collate_fn": self.collate_fn, "num_workers": self.cfg.num_workers,
-            "pin_memory": self.info.device.type == "cuda", "generator": loader_generator,
+            "collate_fn": self.collate_fn,
+            "num_workers": self.cfg.num_workers,
+            "pin_memory": self.info.device.type == "cuda",
+            "generator": loader_generator,
         }
         if isinstance(self.dataset, IterableDataset):
             return DataLoader(self.dataset, batch_size=self.cfg.batch_size, drop_last=True, **common)
         sampler = ShardedBatchSampler(
-            len(self.dataset), self.cfg.batch_size, rank=self.info.rank, world_size=self.info.world_size,
-            accum_steps=self.cfg.grad_accum_steps, shuffle=self.cfg.shuffle, seed=self.cfg.seed,
-            epoch=self.epoch, start=self.samples_in_epoch)
+            len(self.dataset),
+            self.cfg.batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            accum_steps=self.cfg.grad_accum_steps,
+            shuffle=self.cfg.shuffle,
+            seed=self.cfg.seed,
+            epoch=self.epoch,
+            start=self.samples_in_epoch,
+        )
         return DataLoader(self.dataset, batch_sampler=sampler, **common)
 
     def next(self) -> Any:
@@ -656,9 +689,15 @@ class _Window:
 class _Loop:
     """The state of one run, with one method per phase: set-up/restore, step, log, save."""
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, dataset: Dataset,
-                 collate_fn: Callable[[list[Any]], Any] | None, info: DistInfo,
-                 generators: dict[str, torch.Generator]) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        dataset: Dataset,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        info: DistInfo,
+        generators: dict[str, torch.Generator],
+    ) -> None:
         self.cfg, self.model, self.info, self.generators = cfg, model, info, generators
         self.out_dir = Path(cfg.output_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -672,8 +711,9 @@ class _Loop:
         if cfg.grad_checkpointing:
             enable = getattr(model, "gradient_checkpointing_enable", None)
             if enable is None:
-                logger.warning("grad_checkpointing=true but %s has no gradient_checkpointing_enable()",
-                               type(model).__name__)
+                logger.warning(
+                    "grad_checkpointing=true but %s has no gradient_checkpointing_enable()", type(model).__name__
+                )
             else:
                 enable()
         self.optimizer = build_optimizer(model, cfg)
@@ -686,8 +726,10 @@ class _Loop:
         self.wrapped: nn.Module = model
         if info.distributed:
             self.wrapped = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.find_unused_parameters)
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
         model.train()
         self.stream = _BatchStream(dataset, collate_fn, cfg, info, **data_pos)
         rows = _read_metrics(self.metrics_path) if info.is_main else []
@@ -702,8 +744,10 @@ class _Loop:
         cfg, info = self.cfg, self.info
         ckpt_path = find_checkpoint(cfg.resume, self.out_dir)
         if ckpt_path is None and any((self.out_dir / CHECKPOINT_DIR).glob("step_*.pt")):
-            raise FileExistsError(f"{self.out_dir} already holds checkpoints of another run: pass resume=true to "
-                                  "continue it, or choose a new output_dir")
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints of another run: pass resume=true to "
+                "continue it, or choose a new output_dir"
+            )
         state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -728,8 +772,12 @@ class _Loop:
             data_pos["samples_in_epoch"] = 0
         if len(state["rng"]) == info.world_size:
             return data_pos, state["rng"][info.rank]
-        logger.warning("checkpoint was written by %d processes, this run has %d: RNG re-seeded, so the run "
-                       "continues validly but not bit-exactly", len(state["rng"]), info.world_size)
+        logger.warning(
+            "checkpoint was written by %d processes, this run has %d: RNG re-seeded, so the run "
+            "continues validly but not bit-exactly",
+            len(state["rng"]),
+            info.world_size,
+        )
         seed_everything(_derived_seed(cfg.seed, info.rank, self.step))
         return data_pos, None
 
@@ -737,8 +785,9 @@ class _Loop:
         cfg = self.cfg
         if self._rng_state is not None:
             restore_rng_state(self._rng_state, self.generators, self.device)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.info.is_main, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not self.info.is_main, desc="train", dynamic_ncols=True
+        )
         while self.step < cfg.max_steps:
             lr, grad_norm = self._optimizer_step()
             bar.update(1)
@@ -789,10 +838,15 @@ class _Loop:
             rows = _batch_rows(batch)
             if min_over_ranks(rows, self.device) > 0:  # this rank's own count when not distributed
                 return _to_device(batch, self.device)
-            logger.warning("skipping a micro-batch with no readable sample%s at step %d",
-                           "" if rows == 0 else " on another rank", self.step + 1)
-        raise RuntimeError(f"{MAX_EMPTY_BATCHES} micro-batches in a row held no readable sample: check that "
-                           "the training images can be decoded")
+            logger.warning(
+                "skipping a micro-batch with no readable sample%s at step %d",
+                "" if rows == 0 else " on another rank",
+                self.step + 1,
+            )
+        raise RuntimeError(
+            f"{MAX_EMPTY_BATCHES} micro-batches in a row held no readable sample: check that "
+            "the training images can be decoded"
+        )
 
     def _log(self, lr: float, grad_norm: torch.Tensor) -> None:
         """Window means, averaged over ranks (a collective: every rank logs at the same steps)."""
@@ -800,14 +854,19 @@ class _Loop:
         keys = sorted(window.sums)  # the same order on every rank: the model returns the same loss names
         means = all_reduce_mean(torch.stack([window.sums[k] for k in keys])) / window.steps
         self.metrics = {
-            "step": self.step, **dict(zip(keys, means.tolist(), strict=True)), "lr": lr,
-            "grad_norm": float(grad_norm), "samples_per_s": window.samples / max(now - window.started, 1e-9),
+            "step": self.step,
+            **dict(zip(keys, means.tolist(), strict=True)),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": window.samples / max(now - window.started, 1e-9),
             "elapsed_s": self.elapsed_before + now - self.started,
         }
         self.window = _Window()
         if not math.isfinite(self.metrics["loss"]):
-            raise FloatingPointError(f"loss is {self.metrics['loss']} at step {self.step}; lower lr or use "
-                                     f"precision=bf16/fp32 (metrics so far in {self.metrics_path})")
+            raise FloatingPointError(
+                f"loss is {self.metrics['loss']} at step {self.step}; lower lr or use "
+                f"precision=bf16/fp32 (metrics so far in {self.metrics_path})"
+            )
         if self.info.is_main:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(self.metrics) + "\n")
@@ -816,12 +875,21 @@ class _Loop:
         """Gather every rank's RNG state (a collective), then rank 0 writes the checkpoint atomically."""
         rng_states = all_gather_objects(capture_rng_state(self.generators, self.device))
         if self.info.is_main:
-            save_checkpoint({
-                "format": CHECKPOINT_FORMAT, "step": self.step, "model": trainable_state_dict(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "data": self.stream.position(), "rng": rng_states,
-                "world_size": self.info.world_size,
-                "elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
-                "config": self.cfg.to_dict(),
-            }, checkpoint_path(self.out_dir, self.step), self.cfg.keep_last)
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": self.step,
+                    "model": trainable_state_dict(self.model),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "data": self.stream.position(),
+                    "rng": rng_states,
+                    "world_size": self.info.world_size,
+                    "elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
+                    "config": self.cfg.to_dict(),
+                },
+                checkpoint_path(self.out_dir, self.step),
+                self.cfg.keep_last,
+            )
         barrier()
