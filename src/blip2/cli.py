@@ -22,20 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from blip2.config import VQA_PROMPT
+
 DEFAULT_MODEL = os.environ.get("BLIP2_MODEL", "blip2-demo/model")
-
-
-def _load(model: str, device: str = "cpu", optimize: bool = False) -> Any:
-    """Load for inference; ``optimize`` pre-packs the frozen image encoder and LLM weights on CPU
-    (`blip2.inference.fast.optimize_for_cpu_inference`: the same tokens, about 2x faster generation here)."""
-    from blip2.checkpoints.core import load_any
-
-    loaded = load_any(model, map_location=device).eval()
-    if optimize:
-        from blip2.inference.fast import optimize_for_cpu_inference
-
-        optimize_for_cpu_inference(loaded)  # a no-op off CPU
-    return loaded
 
 
 def _print(result: Any, as_json: bool, lines: list[str]) -> None:
@@ -46,7 +35,9 @@ def _print(result: Any, as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
-    model = _load(args.model, args.device, optimize=not args.no_optimize)
+    from blip2.checkpoints import load_for_inference
+
+    model = load_for_inference(args.model, args.device, optimize=not args.no_optimize)
     kwargs: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     captions = model.caption(args.images, prompt=args.prompt, **kwargs)
     result = [{"image": str(i), "caption": c} for i, c in zip(args.images, captions, strict=True)]
@@ -54,7 +45,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    model = _load(args.model, args.device, optimize=not args.no_optimize)
+    from blip2.checkpoints import load_for_inference
+
+    model = load_for_inference(args.model, args.device, optimize=not args.no_optimize)
     if not hasattr(model, "answer"):
         raise ValueError(f"'{args.model}' is a stage-1 (Q-Former only) model: it has no LLM to answer questions")
     answers = model.answer([args.image] * len(args.questions), args.questions, prompt_template=args.template)
@@ -134,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer questions about an image (zero-shot VQA)")
     p.add_argument("image")
     p.add_argument("questions", nargs="+")
-    p.add_argument("--template", default="Question: {} Answer:")
+    p.add_argument("--template", default=VQA_PROMPT)
     no_optimize(p)
     common(p)
     p.set_defaults(func=cmd_ask)
@@ -170,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write metrics JSON (with every prediction) here")
     p.add_argument("--retrieval-model", default=None, help="stage-1 (Q-Former) checkpoint for retrieval")
     p.add_argument("--prompt", default=None, help="text the captions continue, e.g. 'a photo of'")
-    p.add_argument("--vqa-template", default="Question: {} Answer:")
+    p.add_argument("--vqa-template", default=VQA_PROMPT)
     p.add_argument("--answer-words", type=int, default=0, help="keep the first N words of each answer (0: all)")
     p.add_argument("--retrieval-k", type=int, default=16, help="ITC shortlist re-ranked by ITM")
     p.add_argument("--metrics", nargs="+", default=None, help="caption metrics (default BLEU CIDEr; METEOR, SPICE)")

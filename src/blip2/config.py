@@ -22,6 +22,15 @@ from typing import Any, Literal
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The prompt of transformers' BLIP-2 documentation, the library's default for `answer`. The authors' zero-shot
+# VQA evaluation (LAVIS ``vqav2_zeroshot_*_eval.yaml``) uses LAVIS_VQA_PROMPT instead.
+VQA_PROMPT = "Question: {} Answer:"
+LAVIS_VQA_PROMPT = "Question: {} Short answer:"
+# Generation defaults of the task API (`blip2.inference`): the official captioning settings (beam 5, 8-30
+# tokens) and a short-answer VQA setting.
+CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
+
 VisionKind = Literal["blip2", "hf", "timm"]
 LLMKind = Literal["decoder", "encoder_decoder"]
 

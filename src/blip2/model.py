@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip2 import losses
-from blip2.config import Blip2Config
+from blip2.config import VQA_PROMPT, Blip2Config
 from blip2.inference.fast import expansion_factor, prefix_cached_generate
 from blip2.layers import KVCache
 from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
@@ -488,7 +488,7 @@ class Blip2(_ImageQueryModel):
         self,
         images: Any,
         questions: Any,
-        prompt_template: str = "Question: {} Answer:",
+        prompt_template: str = VQA_PROMPT,
         batch_size: int = 8,
         **generation_kwargs: Any,
     ) -> list[str]:

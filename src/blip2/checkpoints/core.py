@@ -586,6 +586,21 @@ def load_any(path_or_id: str | os.PathLike[str], config: Blip2Config | None = No
     return (Blip2 if has_llm else Blip2QFormer).from_pretrained(path, config=config, **kwargs)
 
 
+def load_for_inference(path_or_id: str, device: str = "cpu", optimize: bool = False) -> Any:
+    """The one loader of the command line, the server and ``blip2 eval``: `load_any`, in eval mode.
+
+    ``optimize`` pre-packs the frozen image encoder and LLM weights on CPU
+    (`blip2.inference.optimize_for_cpu_inference`: the same tokens, about 2x faster generation here); the
+    model can then no longer be trained or saved. A no-op off CPU.
+    """
+    loaded = load_any(path_or_id, map_location=device).eval()
+    if optimize:
+        from blip2.inference.fast import optimize_for_cpu_inference
+
+        optimize_for_cpu_inference(loaded)
+    return loaded
+
+
 def convert(
     source: str | os.PathLike[str],
     destination: str | os.PathLike[str],

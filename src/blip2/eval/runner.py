@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from blip2.config import VQA_PROMPT
 from blip2.data.scenes import caption_attributes
 
 # ------------------------------------------------------------------------------------------------ retrieval
@@ -670,7 +671,7 @@ def eval_vqa(
     questions: Mapping[Any, Mapping[str, Any]],
     annotations: Mapping[Any, Mapping[str, Any]],
     paths: Mapping[Any, str],
-    template: str = "Question: {} Answer:",
+    template: str = VQA_PROMPT,
     generation: Mapping[str, Any] | None = None,
     answer_words: int = 0,
     batch_size: int = 8,
@@ -721,7 +722,7 @@ def run_eval(
     images: str | Path | None = None,
     caption_prompt: str | None = None,
     caption_generation: Mapping[str, Any] | None = None,
-    vqa_template: str = "Question: {} Answer:",
+    vqa_template: str = VQA_PROMPT,
     vqa_generation: Mapping[str, Any] | None = None,
     answer_words: int = 0,
     retrieval_k: int = 16,
@@ -852,7 +853,7 @@ def _format_summary(result: Mapping[str, Any]) -> list[str]:
 
 def main(args: Any) -> None:
     """`blip2 eval`: load the models named by ``args`` and run `run_eval`; print a summary or JSON."""
-    from blip2.checkpoints.core import load_any
+    from blip2.checkpoints import load_any
 
     device = getattr(args, "device", "cpu")
     model = load_any(args.model, map_location=device).eval() if args.model else None
@@ -877,7 +878,7 @@ def main(args: Any) -> None:
         images=args.images,
         caption_prompt=getattr(args, "prompt", None),
         caption_generation=generation,
-        vqa_template=getattr(args, "vqa_template", "Question: {} Answer:"),
+        vqa_template=getattr(args, "vqa_template", VQA_PROMPT),
         vqa_generation=generation,
         answer_words=getattr(args, "answer_words", 0),
         retrieval_k=getattr(args, "retrieval_k", 16),

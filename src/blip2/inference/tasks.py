@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
+from blip2.config import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_PROMPT
 from blip2.data.images import load_image
 from blip2.data.transforms import ImageProcessor
-
-CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
-VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 
 
 def _generation_kwargs(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +124,7 @@ def answer(
     model: Any,
     images: Any,
     questions: Any,
-    prompt_template: str = "Question: {} Answer:",
+    prompt_template: str = VQA_PROMPT,
     batch_size: int = 8,
     shared_prefix: bool = True,
     **generation_kwargs: Any,

@@ -684,7 +684,7 @@ def _load(model: Any, device: str, optimize: bool = False) -> Any:
     """A path or hub id is loaded (and, with ``optimize`` on CPU, its frozen weights pre-packed: a served
     model is never trained or saved); a model object is served as given."""
     if isinstance(model, str | os.PathLike):
-        from blip2.cli import _load as load_for_inference
+        from blip2.checkpoints import load_for_inference
 
         return load_for_inference(str(model), device, optimize)
     return model
