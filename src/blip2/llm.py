@@ -28,6 +28,11 @@ def build_language_model(config: LLMConfig, pretrained: bool = False, dtype: tor
     if pretrained:
         if not config.model_id:
             raise ValueError("LLMConfig.model_id is needed to load pretrained language model weights")
+        if config.model_id.startswith("pip:"):
+            raise ValueError(
+                f"LLMConfig.model_id {config.model_id!r} names pip-installed weights: resolve it to a local path "
+                "first with blip2.checkpoints.offline.resolve_offline(config)"
+            )
         model = auto.from_pretrained(config.model_id, dtype=dtype or torch.float32)
     else:
         values = dict(config.hf_config)

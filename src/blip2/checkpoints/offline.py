@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from blip2.config import LLMConfig, QFormerConfig
+from blip2.config import (
+    GEMMA3_270M,
+    MINILM_L6,
+    Blip2Config,
+    LLMConfig,
+    QFormerConfig,
+    gemma3_270m_llm,
+    minilm_l6_qformer,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -110,36 +118,16 @@ def minilm_qformer_config(
     cross_attention_frequency: int = 2,
     **overrides: Any,
 ) -> QFormerConfig:
-    """A `QFormerConfig` with MiniLM-L6-H384's sizes (384 wide, 6 layers, 12 heads, 1536 FFN) and tokenizer.
-
-    ``vocab_size`` counts ``[DEC]`` (30523) and ``bos_token_id`` is its id; any other `QFormerConfig` field
-    can be overridden by keyword.
-    """
-    path = minilm_path()
-    bert = bert_config(path)
-    tokenizer = load_bert_tokenizer(path)
-    values: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=bert["hidden_size"],
-        num_hidden_layers=bert["num_hidden_layers"],
-        num_attention_heads=bert["num_attention_heads"],
-        intermediate_size=bert["intermediate_size"],
-        hidden_act=bert.get("hidden_act", "gelu"),
-        hidden_dropout_prob=bert.get("hidden_dropout_prob", 0.1),
-        attention_probs_dropout_prob=bert.get("attention_probs_dropout_prob", 0.1),
-        max_position_embeddings=bert.get("max_position_embeddings", 512),
-        layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
-        pad_token_id=tokenizer.pad_token_id,
-        cross_attention_frequency=cross_attention_frequency,
-        encoder_hidden_size=encoder_hidden_size,
+    """`blip2.config.minilm_l6_qformer` with its tokenizer resolved to the installed package's directory."""
+    config = minilm_l6_qformer(
         num_query_tokens=num_query_tokens,
-        bos_token_id=tokenizer.bos_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        tokenizer=str(path),
+        encoder_hidden_size=encoder_hidden_size,
+        cross_attention_frequency=cross_attention_frequency,
+        **overrides,
     )
-    values.update(overrides)
-    return QFormerConfig(**values)
+    if config.tokenizer == MINILM_L6:
+        config.tokenizer = str(minilm_path())
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,14 +338,23 @@ def json_safe_config(config_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def gemma3_llm_config(cache_dir: str | Path | None = None) -> LLMConfig:
-    """An `LLMConfig` for the cached Gemma 3 270M: ``kind="decoder"``, ``hf_config`` = its config
-    (``model_type="gemma3_text"``, hidden 640, 18 layers, vocab 262144), ``model_id`` = the cache directory.
-    Converts the GGUF first if the cache is not there yet."""
-    from transformers import AutoConfig
+    """`blip2.config.gemma3_270m_llm` with ``model_id`` = the converted cache directory (converts the GGUF
+    first if the cache is not there yet)."""
+    config = gemma3_270m_llm()
+    config.model_id = str(gemma3_270m_dir(cache_dir))
+    return config
 
-    directory = gemma3_270m_dir(cache_dir)
-    config = AutoConfig.from_pretrained(str(directory))
-    return LLMConfig(kind="decoder", hf_config=json_safe_config(config.to_dict()), model_id=str(directory))
+
+def resolve_offline(config: Blip2Config) -> Blip2Config:
+    """A copy of ``config`` whose pip-installed weights (`blip2.config.MINILM_L6`, `blip2.config.GEMMA3_270M`)
+    are named by local paths, so that transformers can load them. Presets stay pure data; this is where the
+    I/O happens (Gemma's GGUF is converted once, about a minute)."""
+    config = config.copy()
+    if config.qformer.tokenizer == MINILM_L6:
+        config.qformer.tokenizer = str(minilm_path())
+    if config.llm is not None and config.llm.model_id == GEMMA3_270M:
+        config.llm.model_id = str(gemma3_270m_dir())
+    return config
 
 
 __all__ = [
@@ -375,5 +372,6 @@ __all__ = [
     "minilm_path",
     "minilm_qformer_config",
     "read_marker",
+    "resolve_offline",
     "save_plain_hf",
 ]

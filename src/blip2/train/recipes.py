@@ -58,7 +58,9 @@ def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
     preset = section.get("preset")
     if not preset:
         raise ValueError("the recipe's model section needs a 'preset' (see blip2.config.PRESETS)")
-    config: Blip2Config = from_name(str(preset))
+    from blip2.checkpoints.offline import resolve_offline
+
+    config: Blip2Config = resolve_offline(from_name(str(preset)))
     if stage == 1:
         config.llm = None
         config.qformer.use_text = True
