@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,60 +102,116 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2: captioning, VQA, retrieval, pretraining")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------------ flag values
+# Checked by argparse before any model loads: a bad value ends in one usage line and exit status 2.
 
-    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
-        if model:
-            p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory, LAVIS file or hub id")
-            p.add_argument("--device", default="cpu")
-        p.add_argument("--json", action="store_true", help="print JSON")
 
-    def no_optimize(p: argparse.ArgumentParser) -> None:  # inference commands: pre-packed weights by default
-        help_text = "keep plain weights (default on CPU: oneDNN pre-packed, same output)"
-        p.add_argument("--no-optimize", action="store_true", help=help_text)
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
-    p = sub.add_parser("caption", help="caption images")
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """A device torch knows and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: CUDA is not available here (torch {torch.__version__}); use cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return text
+
+
+def question_template(text: str) -> str:
+    """A prompt template with exactly one ``{}``, where the question goes."""
+    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
+        raise argparse.ArgumentTypeError(
+            f"the template must hold exactly one '{{}}' (where the question goes) and no other braces, got {text!r}"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------------------ the commands
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory, LAVIS file or hub id")
+        p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _no_optimize(p: argparse.ArgumentParser) -> None:  # inference commands: pre-packed weights by default
+    help_text = "keep plain weights (default on CPU: oneDNN pre-packed, same output)"
+    p.add_argument("--no-optimize", action="store_true", help=help_text)
+
+
+def _caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
-    p.add_argument("--num-beams", type=int, default=5)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    no_optimize(p)
-    common(p)
-    p.set_defaults(func=cmd_caption)
+    p.add_argument("--num-beams", type=positive_int, default=5)
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    _no_optimize(p)
+    _common(p)
 
-    p = sub.add_parser("ask", help="answer questions about an image (zero-shot VQA)")
+
+def _ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image")
     p.add_argument("questions", nargs="+")
-    p.add_argument("--template", default=VQA_PROMPT)
-    no_optimize(p)
-    common(p)
-    p.set_defaults(func=cmd_ask)
+    p.add_argument("--template", type=question_template, default=VQA_PROMPT)
+    _no_optimize(p)
+    _common(p)
 
-    p = sub.add_parser("convert", help="convert a checkpoint (LAVIS <-> this project's format)")
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--to", choices=["blip2", "lavis"], default="blip2")
     p.add_argument("--config", default=None, help="preset name for LAVIS files, which carry no config")
     p.add_argument("--llm-prefix", choices=["opt", "t5"], default="opt")
-    common(p, model=False)
-    p.set_defaults(func=cmd_convert)
+    _common(p, model=False)
 
-    p = sub.add_parser("train", help="pretrain (stage 1 or 2) from a YAML recipe")
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.preset=tiny")
-    common(p, model=False)
-    p.set_defaults(func=cmd_train)
+    _common(p, model=False)
 
-    p = sub.add_parser("demo", help="pretrain a small BLIP-2 offline on synthetic scenes, evaluate, report")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="blip2-demo")
     p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute (for tests)")
-    common(p, model=False)
-    p.set_defaults(func=cmd_demo)
+    _common(p, model=False)
 
-    p = sub.add_parser("eval", help="evaluate retrieval, captions and VQA")
-    common(p)
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
     p.add_argument("--scenes", default=None, help="a scenes split directory (written by blip2 demo)")
     p.add_argument("--coco-captions", default=None, help="COCO-format caption annotations JSON")
     p.add_argument("--vqa-questions", default=None)
@@ -163,12 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write metrics JSON (with every prediction) here")
     p.add_argument("--retrieval-model", default=None, help="stage-1 (Q-Former) checkpoint for retrieval")
     p.add_argument("--prompt", default=None, help="text the captions continue, e.g. 'a photo of'")
-    p.add_argument("--vqa-template", default=VQA_PROMPT)
+    p.add_argument("--vqa-template", type=question_template, default=VQA_PROMPT)
     p.add_argument("--answer-words", type=int, default=0, help="keep the first N words of each answer (0: all)")
-    p.add_argument("--retrieval-k", type=int, default=16, help="ITC shortlist re-ranked by ITM")
+    p.add_argument("--retrieval-k", type=positive_int, default=16, help="ITC shortlist re-ranked by ITM")
     p.add_argument("--metrics", nargs="+", default=None, help="caption metrics (default BLEU CIDEr; METEOR, SPICE)")
-    p.add_argument("--num-beams", type=int, default=None)
-    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--num-beams", type=positive_int, default=None)
+    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate the first N images only")
     p.add_argument("--vqa-caption-context", action="store_true", help="also answer after the model's own caption")
     p.add_argument(
         "--vqa-true-description",
@@ -177,32 +234,85 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="scenes: also answer the first N images' questions after their true description (the LLM's ceiling)",
     )
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("serve", help="HTTP API and web page")
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="requests combined into one model call")
-    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 503")
-    p.add_argument("--max-upload-mb", type=float, default=10.0)
-    p.add_argument("--torch-threads", type=int, default=None)
-    no_optimize(p)
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--max-batch", type=positive_int, default=8, help="requests combined into one model call")
+    p.add_argument("--queue-size", type=positive_int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--max-upload-mb", type=positive_float, default=10.0)
+    p.add_argument("--torch-threads", type=positive_int, default=None)
+    _no_optimize(p)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS: dict[str, Command] = {
+    "caption": Command("caption images", _caption_arguments, cmd_caption),
+    "ask": Command("answer questions about an image (zero-shot VQA)", _ask_arguments, cmd_ask),
+    "convert": Command("convert a checkpoint (LAVIS <-> this project's format)", _convert_arguments, cmd_convert),
+    "train": Command("pretrain (stage 1 or 2) from a YAML recipe", _train_arguments, cmd_train),
+    "demo": Command("pretrain a small BLIP-2 offline on synthetic scenes, evaluate, report", _demo_arguments, cmd_demo),
+    "eval": Command("evaluate retrieval, captions and VQA", _eval_arguments, cmd_eval),
+    "serve": Command("HTTP API and web page", _serve_arguments, cmd_serve),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2: captioning, VQA, retrieval, pretraining")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the full traceback of an error (also: {DEBUG_ENV_VAR}=1)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(func=command.run)
     return parser
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+DEBUG_ENV_VAR = "BLIP2_DEBUG"
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """One line for an error the user can fix (bad file, flag, config, path, divergence); None for a bug."""
+    import yaml
+
+    if isinstance(exc, OSError) and not isinstance(exc, ValueError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: '{exc.filename}'"  # e.g. "Permission denied: 'runs/x'"
+    if isinstance(exc, yaml.YAMLError):
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        return f"the YAML file could not be parsed{at}: {getattr(exc, 'problem', None) or exc}"
+    if isinstance(exc, ValueError | OSError | FloatingPointError | MemoryError):
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
-    from blip2.checkpoints.core import CheckpointError
-
     try:
         func(args)
-    except (CheckpointError, ValueError, FileNotFoundError, IsADirectoryError) as exc:
-        print(f"blip2 {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors (one line) and bugs (traceback) below
+        message = user_error_message(exc)
+        if message is None or args.debug or os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0"):
+            raise
+        print(f"blip2 {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"blip2 {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
