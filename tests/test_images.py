@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ from PIL import Image, ImageFile
 from blip2.config import CLIP_MEAN, CLIP_STD, VisionConfig
 from blip2.data.images import ImageError, load_image, to_rgb
 from blip2.data.transforms import ImageProcessor
+from blip2.testing import make_tiny_model
 
 
 def _noise(width: int, height: int, seed: int = 0, channels: int = 3) -> Image.Image:
@@ -204,3 +209,64 @@ def test_image_processor_batches() -> None:
     assert batch.shape == (3, 3, 16, 16)
     torch.testing.assert_close(batch[1], processor.process(images[1]))
     assert processor([]).shape == (0, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files are checked before they are read (bounded memory on hostile paths)
+
+
+def test_device_files_are_refused_without_reading(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("/dev/zero")  # would be read forever
+
+
+def test_fifo_is_refused_unless_asked_then_read_up_to_the_cap(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(fifo)
+    png = io.BytesIO()
+    Image.new("RGB", (3, 2), (0, 255, 0)).save(png, "PNG")
+    writer = threading.Thread(target=fifo.write_bytes, args=(png.getvalue(),))
+    writer.start()
+    image = load_image(fifo, allow_special_files=True)
+    writer.join()
+    assert image.size == (3, 2) and image.getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_a_file_over_the_byte_cap_is_refused_from_its_size(tmp_path: Path) -> None:
+    big = tmp_path / "zeros.jpg"
+    with open(big, "wb") as file:  # sparse: 3 GB of size, no disk used
+        file.truncate(3 * 2**30)
+    with pytest.raises(ImageError, match="more than the limit of"):
+        load_image(big)
+    small = tmp_path / "ok.png"
+    Image.new("RGB", (4, 4)).save(small)
+    with pytest.raises(ImageError, match="more than the limit of 10 bytes"):
+        load_image(small, max_bytes=10)
+
+
+def test_symbolic_link_problems_are_named(tmp_path: Path) -> None:
+    loop_a, loop_b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    with pytest.raises(ImageError, match="loop of symbolic links"):
+        load_image(loop_a)
+    dangling = tmp_path / "gone.jpg"
+    dangling.symlink_to(tmp_path / "nothing-here.jpg")
+    with pytest.raises(ImageError, match="symbolic link to a file that does not exist"):
+        load_image(dangling)
+    with pytest.raises(ImageError, match="does not exist"):
+        load_image(tmp_path / "missing.jpg")
+
+
+def test_cli_caption_of_dev_zero_is_one_line(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "model", llm="opt")
+    result = subprocess.run(
+        [sys.executable, "-m", "blip2.cli", "caption", "/dev/zero", "--model", str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'/dev/zero' is not a regular file" in result.stderr

@@ -17,6 +17,10 @@ Policy (the same for training, evaluation and serving):
   by 255, otherwise clipped to [0, 255]).
 - **EXIF orientation** is applied (``ImageOps.exif_transpose``), so a portrait photo taken with a rotated
   camera is seen upright, as in every image viewer. Unreadable EXIF data is ignored, not fatal.
+- **Files are checked before they are read.** Only regular files are read (a FIFO, a socket or ``/dev/zero``
+  would be read forever; ``allow_special_files=True`` reads one anyway, up to the byte cap); a file larger than
+  ``max_bytes`` is refused from its size alone; the image header (and its declared size, see above) is read
+  before the pixels, so a large file that is not an image, or a bomb, costs a few kilobytes, not its size.
 - **Tiny images are accepted.** Anything at least 1×1 is a valid image: every transform resizes to a fixed
   size, and bicubic resizing of a 1×1 image is a uniform image of that colour, which is the correct
   answer. Only an empty (0-pixel) image is an error. Animated images use their first frame.
@@ -25,21 +29,34 @@ Policy (the same for training, evaluation and serving):
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "ImageSource", "load_image", "to_rgb", "DEFAULT_MAX_PIXELS", "MIN_IMAGE_SIZE"]
+__all__ = [
+    "ImageError",
+    "ImageSource",
+    "load_image",
+    "to_rgb",
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "MIN_IMAGE_SIZE",
+]
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
 # Same default as PIL (about 89 megapixels, a 9459×9459 image, ~270 MB decoded as RGB).
 DEFAULT_MAX_PIXELS: int = 89_478_485
+# Largest image file read: an uncompressed RGBA image at DEFAULT_MAX_PIXELS is about 358 MB.
+DEFAULT_MAX_FILE_BYTES: int = 512 * 2**20
 # Smallest accepted width and height: see the module docstring for why 1×1 is fine.
 MIN_IMAGE_SIZE: int = 1
 
@@ -60,13 +77,18 @@ class ImageError(ValueError):
 
 
 def load_image(
-    source: ImageSource, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    source: ImageSource,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    allow_special_files: bool = False,
 ) -> Image.Image:
     """Load ``source`` (a path, encoded bytes or a PIL image) as a fully-decoded 8-bit RGB image.
 
     ``name`` is used in error messages (default: the path, or ``<bytes>`` / ``<PIL image>``). ``max_pixels``
     (None: no limit of ours) refuses images whose header claims more pixels, before decoding them.
-    Raises `ImageError` naming the file and the problem.
+    ``max_bytes`` refuses larger files before reading them; ``allow_special_files`` reads a path that is not
+    a regular file (a FIFO, a device), up to ``max_bytes``. Raises `ImageError` naming the file and the problem.
     """
     if isinstance(source, Image.Image):
         label = name or "<PIL image>"
@@ -78,13 +100,18 @@ def load_image(
         label = name or "<bytes>"
         data = bytes(source)
     elif isinstance(source, str | os.PathLike):
-        path = Path(source)
         label = name or str(source)
-        data = _read_file(path, label)
+        with _open_file(Path(source), label, max_bytes, allow_special_files) as file:
+            image = _open(file, label)
+            _check_pixels(image, label, max_pixels)
+            _decode(image, label)  # reads the pixels while the file is open
+        return _finish(image, label)
     else:
         raise TypeError(f"load_image expects a path, bytes or a PIL image, got {type(source).__name__}")
 
-    image = _open(data, label)
+    if not data:
+        raise ImageError(f"'{label}' is not an image (the file is empty)")
+    image = _open(io.BytesIO(data), label)
     _check_pixels(image, label, max_pixels)
     _decode(image, label)
     return _finish(image, label)
@@ -103,22 +130,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_file(path: Path, label: str) -> bytes:
-    if not path.exists():
-        raise ImageError(f"image file '{label}' does not exist")
-    if path.is_dir():
-        raise ImageError(f"'{label}' is a directory, not an image file")
+def _open_file(path: Path, label: str, max_bytes: int, allow_special_files: bool) -> BinaryIO:
+    """The image file opened for reading, after checks that need no reading: it exists, is a regular file
+    (unless allowed otherwise), is not empty and not larger than ``max_bytes``."""
     try:
-        return path.read_bytes()
+        info = path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageError(f"image path '{label}' is a loop of symbolic links") from err
+        if err.errno == errno.ENOENT and path.is_symlink():
+            raise ImageError(f"image path '{label}' is a symbolic link to a file that does not exist") from err
+        if err.errno == errno.ENOENT:
+            raise ImageError(f"image file '{label}' does not exist") from err
+        raise ImageError(f"image file '{label}' could not be read ({err.strerror or err})") from err
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"'{label}' is a directory, not an image file")
+    special = not stat.S_ISREG(info.st_mode)
+    if special and not allow_special_files:
+        raise ImageError(
+            f"'{label}' is not a regular file (a device, FIFO or socket); pass allow_special_files=True to read it"
+        )
+    if not special and info.st_size == 0:
+        raise ImageError(f"'{label}' is not an image (the file is empty)")
+    if info.st_size > max_bytes:
+        raise ImageError(
+            f"image file '{label}' is {info.st_size:,} bytes, more than the limit of {max_bytes:,} bytes; "
+            "pass a larger max_bytes if it is genuine"
+        )
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - the caller closes it (a context manager)
     except OSError as err:
         raise ImageError(f"image file '{label}' could not be read ({err.strerror or err})") from err
-
-
-def _open(data: bytes, label: str) -> Image.Image:
+    if not special:
+        return file
+    with file:  # a device or FIFO has no size: read it into memory, at most max_bytes
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError(f"'{label}' holds more than the limit of {max_bytes:,} bytes")
     if not data:
         raise ImageError(f"'{label}' is not an image (the file is empty)")
+    return io.BytesIO(data)
+
+
+def _open(file: BinaryIO, label: str) -> Image.Image:
+    """The image's header, parsed (PIL reads the pixels later, in `_decode`)."""
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(file)
     except UnidentifiedImageError as err:
         raise ImageError(f"'{label}' is not an image (cannot identify image file)") from err
     except Image.DecompressionBombError as err:
