@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -192,6 +194,30 @@ def test_eval_command_checks_the_files_before_loading_a_model(
     assert err == (
         f"blip2 eval: error: {a_path}: annotations[0] (question id 3) has 'answers' of type int; it must be list"
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--num-beams", "0", "--num-beams must be at least 1, got 0"),
+        ("--retrieval-k", "-1", "--retrieval-k must be at least 1, got -1"),
+        ("--max-images", "0", "--max-images must be at least 1, got 0"),
+        ("--answer-words", "-2", "--answer-words must be 0 (keep every word) or more, got -2"),
+    ],
+)
+def test_bad_flag_values_are_rejected_before_loading(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "_load_models", lambda *a: pytest.fail("a model loaded before the flags were checked"))
+    assert cli_main(["eval", flag, value]) == 2
+    assert capsys.readouterr().err == f"blip2 eval: error: {message}\n"
+
+
+def test_the_runner_imports_the_scenes_only_when_they_are_evaluated() -> None:
+    code = "import sys, blip2.cli, blip2.eval.runner; print(sorted(m for m in sys.modules if 'scenes' in m))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------------- --output

@@ -268,10 +268,15 @@ def evaluate_from_paths(
     """`blip2 eval`: check the files, load the checkpoints, evaluate with ``protocol`` ("lavis": the authors'
     settings for the model's LLM family; "fast": greedy, k=16) and the given overrides (None: the
     protocol's). Returns `run_eval`'s result plus ``protocol`` (the settings used)."""
-    if num_beams is not None and num_beams < 1:
-        raise ValueError(f"--num-beams must be at least 1, got {num_beams}")
-    if retrieval_k is not None and retrieval_k < 1:
-        raise ValueError(f"--retrieval-k must be at least 1, got {retrieval_k}")
+    for flag, value, least in (
+        ("num-beams", num_beams, 1),
+        ("retrieval-k", retrieval_k, 1),
+        ("max-images", max_images, 1),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"--{flag} must be at least {least}, got {value}")
+    if answer_words < 0:
+        raise ValueError(f"--answer-words must be 0 (keep every word) or more, got {answer_words}")
     eval_protocol(None, protocol)  # an unknown name fails before any loading
     data = load_eval_data(scenes, coco_captions, vqa_questions, vqa_annotations, images)
     stage2, stage1 = _load_models(model, retrieval_model, device)
