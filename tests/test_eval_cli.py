@@ -279,3 +279,32 @@ def test_results_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.undo()
     runner.write_results({"vqa": {"overall": 1.0}}, out)
     assert json.loads(out.read_text()) == {"vqa": {"overall": 1.0}}
+
+
+def test_eval_command_end_to_end_on_a_tiny_flan_t5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A saved encoder-decoder model evaluated with the defaults: the authors' T5 settings reach generation,
+    and the results file holds every prediction and the settings used."""
+    from blip2.data.scenes import write_split
+    from blip2.testing import make_tiny_model
+
+    split = write_split(tmp_path, "test", 2, seed=1, image_size=32)
+    make_tiny_model(tmp_path / "t5", llm="t5")
+    folder = tmp_path / "by_id"  # VQA files name images by id only: "{id}.png" in the --images folder
+    folder.mkdir()
+    for image_id in (0, 1):
+        (folder / f"{image_id}.png").write_bytes((split / "images" / f"test_{image_id:06d}.png").read_bytes())
+    out = tmp_path / "results" / "eval.json"
+    args = ["eval", "--model", str(tmp_path / "t5"), "--images", str(folder), "--output", str(out)]
+    args += [
+        "--vqa-questions",
+        str(split / "vqa_questions.json"),
+        "--vqa-annotations",
+        str(split / "vqa_annotations.json"),
+    ]
+    assert cli_main(args) == 0
+    assert "vqa: overall=" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    _, annotations = load_vqa(split / "vqa_questions.json", split / "vqa_annotations.json")
+    assert len(result["vqa"]["raw_answers"]) == result["vqa"]["n_questions"] == len(annotations)
+    assert result["protocol"]["vqa_generation"] == AUTHORS_VQA["encoder_decoder"]
+    assert result["protocol"]["retrieval_k"] == 128 and result["captions"] is None
