@@ -203,6 +203,13 @@ def test_eval_command_checks_the_files_before_loading_a_model(
         ("--retrieval-k", "-1", "--retrieval-k must be at least 1, got -1"),
         ("--max-images", "0", "--max-images must be at least 1, got 0"),
         ("--answer-words", "-2", "--answer-words must be 0 (keep every word) or more, got -2"),
+        (
+            "--vqa-template",
+            "Q: {}{} A:",
+            "--vqa-template must hold exactly one '{}' for the question, got 'Q: {}{} A:'",
+        ),
+        ("--vqa-template", "Q: A:", "--vqa-template must hold exactly one '{}' for the question, got 'Q: A:'"),
+        ("--vqa-template", "Q: {0 A:", "--vqa-template must hold exactly one '{}' for the question, got 'Q: {0 A:'"),
     ],
 )
 def test_bad_flag_values_are_rejected_before_loading(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -184,12 +185,8 @@ def run_eval(
         data = load_eval_data(*files)
     elif any(f is not None for f in files):
         raise ValueError("give either loaded data or files to evaluate, not both")
-    paths, references, questions, annotations = (
-        data["paths"],
-        data["references"],
-        data["questions"],
-        data["annotations"],
-    )
+    paths, references = data["paths"], data["references"]
+    questions, annotations = data["questions"], data["annotations"]
     image_ids = list(references) if references is not None else list(dict.fromkeys(paths))
     if max_images is not None:
         image_ids = image_ids[:max_images]
@@ -229,6 +226,14 @@ def run_eval(
             clean_questions=clean_questions,
         )
     return result if keep_predictions else without_predictions(result)
+
+
+def _fields(template: str) -> list[str] | None:
+    """The replacement fields of a format string ("Q: {} A:" → [""]), or None when it is malformed."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return None
 
 
 def _load_models(model: str | None, retrieval_model: str | None, device: str) -> tuple[Any, Any]:
@@ -277,6 +282,8 @@ def evaluate_from_paths(
             raise ValueError(f"--{flag} must be at least {least}, got {value}")
     if answer_words < 0:
         raise ValueError(f"--answer-words must be 0 (keep every word) or more, got {answer_words}")
+    if vqa_template is not None and _fields(vqa_template) != [""]:
+        raise ValueError(f"--vqa-template must hold exactly one '{{}}' for the question, got {vqa_template!r}")
     eval_protocol(None, protocol)  # an unknown name fails before any loading
     data = load_eval_data(scenes, coco_captions, vqa_questions, vqa_annotations, images)
     stage2, stage1 = _load_models(model, retrieval_model, device)
