@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from blip2.checkpoints.offline import gemma3_270m
 from blip2.data.scenes import COLORS, NUMBER_WORDS, SHAPES, detailed_caption, make_split
-from blip2.eval.runner import postprocess_answer
+from blip2.eval.vqa import postprocess_answer
 
 POSITIONS = ("left", "right", "top", "bottom", "center")
 

@@ -8,21 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import blip2.eval.runner as evaluate
+import blip2.eval.captions as captions_module
 from blip2.data.scenes import write_split
-from blip2.eval.runner import (
-    attribute_accuracy,
-    caption_metrics,
-    load_coco_captions,
-    load_vqa,
-    merge_reranked,
-    normalize_vqa_answer,
-    retrieval_recall,
-    simple_tokenize,
-    vqa_accuracy,
-    vqa_report,
-    vqa_score,
-)
+from blip2.eval.captions import caption_metrics, simple_tokenize
+from blip2.eval.loaders import image_path, load_coco_captions, load_vqa
+from blip2.eval.retrieval import merge_reranked, retrieval_recall
+from blip2.eval.runner import eval_vqa, run_eval
+from blip2.eval.scenes import attribute_accuracy, load_scenes_eval
+from blip2.eval.vqa import clean_question, normalize_vqa_answer, postprocess_answer, vqa_accuracy, vqa_report, vqa_score
 
 # ------------------------------------------------------------------------------------------------ retrieval
 
@@ -164,7 +157,7 @@ def test_bleu_and_cider_on_a_tiny_example() -> None:
     good = caption_metrics(GOOD, REFS, metrics=("BLEU", "CIDEr"))
     bad = caption_metrics(BAD, REFS, metrics=("BLEU", "CIDEr"))
     assert good["computed"] == ["BLEU", "CIDEr"] and good["skipped"] == {}
-    assert good["tokenizer"] == ("ptb" if shutil.which("java") else good["tokenizer"])
+    assert good["tokenizer"] == "ptb" if shutil.which("java") else good["tokenizer"].startswith("simple")
     assert good["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
     assert good["CIDEr"] > 3.0 > bad["CIDEr"]
     assert bad["BLEU-4"] < 0.01
@@ -172,7 +165,7 @@ def test_bleu_and_cider_on_a_tiny_example() -> None:
 
 def test_without_java_falls_back_to_simple_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("pycocoevalcap.cider.cider")
-    monkeypatch.setattr(evaluate.shutil, "which", lambda name: None)
+    monkeypatch.setattr(captions_module.shutil, "which", lambda name: None)
     result = caption_metrics(GOOD, REFS, metrics=("BLEU", "CIDEr", "METEOR", "SPICE"))
     assert result["tokenizer"].startswith("simple")
     assert result["computed"] == ["BLEU", "CIDEr"]
@@ -181,15 +174,34 @@ def test_without_java_falls_back_to_simple_tokenizer(monkeypatch: pytest.MonkeyP
     assert simple_tokenize("Two shapes: a RED circle, don't.") == "two shapes a red circle don't"
 
 
-def test_java_metrics_never_hang() -> None:
+def test_a_stuck_java_scorer_is_killed_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scorer that never answers (here: a child that sleeps) is killed after the timeout and the metric is
+    reported as skipped with the reason; the other metrics are still computed."""
     pytest.importorskip("pycocoevalcap.cider.cider")
-    result = caption_metrics(GOOD, REFS, metrics=("METEOR", "SPICE"), java_timeout_s=1.0)
-    # METEOR needs several seconds to load its paraphrase table, so a 1 s budget stops it; SPICE is skipped
-    # up front when its CoreNLP jars (downloaded by pycocoevalcap on first use) are absent.
-    for name in ("METEOR", "SPICE"):
-        assert name in result["computed"] or name in result["skipped"]
-    if "METEOR" in result["skipped"] and shutil.which("java"):
-        assert "did not finish" in result["skipped"]["METEOR"]
+    monkeypatch.setattr(captions_module, "_JAVA_METRIC_SCRIPT", "import time; time.sleep(120)")
+    monkeypatch.setattr(captions_module.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(captions_module, "ptb_tokenize", lambda texts, timeout_s: [simple_tokenize(t) for t in texts])
+    result = caption_metrics(GOOD, REFS, metrics=("BLEU", "METEOR"), java_timeout_s=1.0)
+    assert result["computed"] == ["BLEU"]
+    assert result["skipped"] == {"METEOR": "METEOR did not finish within 1s"}
+
+
+def test_a_failing_java_scorer_and_missing_spice_models_are_skipped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("pycocoevalcap.cider.cider")
+    spice_ready = captions_module._spice_ready
+    monkeypatch.setattr(captions_module, "_JAVA_METRIC_SCRIPT", "raise SystemExit('no memory for the JVM')")
+    monkeypatch.setattr(captions_module.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(captions_module, "ptb_tokenize", lambda texts, timeout_s: [simple_tokenize(t) for t in texts])
+    monkeypatch.setattr(captions_module, "_spice_ready", lambda package: "needs stanford-corenlp-3.6.0.jar")
+    result = caption_metrics(GOOD, REFS, metrics=("METEOR", "SPICE"))
+    assert result["computed"] == []
+    assert result["skipped"]["METEOR"] == "METEOR failed (exit 1): no memory for the JVM"
+    assert result["skipped"]["SPICE"] == "needs stanford-corenlp-3.6.0.jar"
+    # SPICE would download CoreNLP on first use: without its jars it is skipped up front, naming them.
+    reason = spice_ready(tmp_path)
+    assert reason is not None and "stanford-corenlp-3.6.0-models.jar" in reason and str(tmp_path) in reason
 
 
 @pytest.mark.slow
@@ -251,7 +263,7 @@ def test_scene_files_round_trip_through_the_loaders(tmp_path: Path) -> None:
 def test_loaders_name_the_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": []}')
-    with pytest.raises(ValueError, match="annotations"):
+    with pytest.raises(ValueError, match="top-level keys.*annotations"):
         load_coco_captions(bad)
     with pytest.raises(ValueError, match="could not read"):
         load_coco_captions(tmp_path / "missing.json")
@@ -261,29 +273,49 @@ def test_loaders_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_postprocess_answer_normalises_then_cuts() -> None:
-    from blip2.eval.runner import postprocess_answer
-
     assert postprocess_answer(" Two.\n\nQuestion: next") == "2"
     assert postprocess_answer("a red circle", words=1) == "red"
     assert postprocess_answer("on the left", words=0) == "on left"
     assert postprocess_answer("", words=1) == ""
 
 
-def test_image_path_by_id(tmp_path: Path) -> None:
-    from blip2.eval.runner import _image_path
+@pytest.mark.parametrize(
+    ("question", "cleaned"),
+    [
+        ("What is the man's Shirt color?!", "what is the man's shirt color?"),  # '?' stays, '!' goes
+        ('Is it "red" (or blue)?', "is it red or blue?"),
+        ("How many: dogs; cats~ *#?  ", "how many dogs cats ?"),  # trailing spaces stripped
+        ("Where is it, exactly...", "where is it, exactly"),  # ',' stays
+    ],
+)
+def test_clean_question_as_the_authors_processor(question: str, cleaned: str) -> None:
+    assert clean_question(question) == cleaned
 
+
+def test_clean_question_keeps_the_first_fifty_words() -> None:
+    long = " ".join(f"w{i}" for i in range(60))
+    assert clean_question(long).split(" ") == [f"w{i}" for i in range(50)]
+    assert clean_question("a b c", max_words=2) == "a b"
+
+
+def test_scene_questions_are_already_clean(tmp_path: Path) -> None:
+    """The demo's figures do not depend on the question cleaning the evaluation now applies by default."""
+    data = load_scenes_eval(write_split(tmp_path, "test", 20, seed=3, image_size=32))
+    assert data["questions"] and all(clean_question(q["question"]) == q["question"] for q in data["questions"].values())
+
+
+def test_image_path_by_id(tmp_path: Path) -> None:
     (tmp_path / "COCO_val2014_000000000042.jpg").write_bytes(b"")
     (tmp_path / "7.png").write_bytes(b"")
-    assert _image_path(tmp_path, 42, {}).endswith("COCO_val2014_000000000042.jpg")
-    assert _image_path(tmp_path, 7, {}).endswith("7.png")
-    assert _image_path(tmp_path, 9, {9: "x.jpg"}) == "x.jpg"
+    assert image_path(tmp_path, 42, {}).endswith("COCO_val2014_000000000042.jpg")
+    assert image_path(tmp_path, 7, {}).endswith("7.png")
+    assert image_path(tmp_path, 9, {9: "x.jpg"}) == "x.jpg"
     with pytest.raises(FileNotFoundError, match="image id 5"):
-        _image_path(tmp_path, 5, {})
+        image_path(tmp_path, 5, {})
 
 
 def test_run_eval_with_coco_files_and_tiny_models(tmp_path: Path) -> None:
     """The same code path evaluates real datasets: COCO caption and VQA files plus an image folder."""
-    from blip2.eval.runner import run_eval
     from blip2.testing import make_tiny_model
 
     split = write_split(tmp_path, "test", 3, seed=1, image_size=32)
@@ -299,56 +331,38 @@ def test_run_eval_with_coco_files_and_tiny_models(tmp_path: Path) -> None:
         retrieval_k=2,
         progress=False,
     )
-    assert result["retrieval"]["n_images"] == 3 and result["retrieval"]["n_texts"] == 15
-    assert 0.0 <= result["retrieval"]["i2t_r1"] <= 1.0
+    retrieval = result["retrieval"]
+    assert (retrieval["k"], retrieval["n_images"], retrieval["n_texts"]) == (2, 3, 15)
+    assert set(retrieval["itc_only"]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
     assert result["captions"]["n_images"] == 3 and "predictions" not in result["captions"]
-    assert result["vqa"]["n_questions"] > 3 and set(result["vqa"]["per_type"]) <= {
-        "color",
-        "shape",
-        "count",
-        "exists",
-        "position",
-    }
+    assert result["captions"]["tokenizer"] in ("ptb",) or result["captions"]["tokenizer"].startswith("simple")
+    _, annotations = load_vqa(split / "vqa_questions.json", split / "vqa_annotations.json")
+    assert result["vqa"]["n_questions"] == len(annotations) and "raw_answers" not in result["vqa"]
+    assert set(result["vqa"]["per_type"]) == {a["question_type"] for a in annotations.values()}
     with pytest.raises(ValueError, match="both"):
         run_eval(vqa_questions=split / "vqa_questions.json", images=split)
 
 
-def test_run_eval_true_description_ceiling_on_scenes(tmp_path: Path) -> None:
-    """``vqa_true_description=N`` answers the first N images' questions after their true description, each
-    prompt starting with it; it needs a scenes split (the descriptions come from the object lists)."""
-    from blip2.data.scenes import detailed_caption
-    from blip2.eval.runner import load_scenes_eval, run_eval
-    from blip2.testing import make_tiny_model
+def test_vqa_context_is_written_before_each_images_questions(tmp_path: Path) -> None:
+    """``eval_vqa(context=...)`` (what the demo's LLM ceiling uses) puts each image's text before the
+    template of that image's questions, and only there."""
+    data = load_scenes_eval(write_split(tmp_path, "test", 3, seed=1, image_size=32))
+    seen: list[tuple[str, str]] = []
 
-    split = write_split(tmp_path, "test", 3, seed=1, image_size=32)
-    model = make_tiny_model(llm="opt")
-    prompts: list[str] = []
-    answer = model.answer
+    class Spy:
+        def answer(self, images: list[str], questions: list[str], prompt_template: str, **kwargs: object) -> list[str]:
+            seen.extend((image, prompt_template.format(q)) for image, q in zip(images, questions, strict=True))
+            return ["yes"] * len(questions)
 
-    def spy(images, questions, prompt_template="Question: {} Answer:", **kwargs):  # noqa: ANN001, ANN202
-        prompts.extend(prompt_template.format(q) for q in questions)
-        return answer(images, questions, prompt_template=prompt_template, **kwargs)
-
-    model.answer = spy  # type: ignore[method-assign]
-    result = run_eval(
-        model=model,
-        scenes=split,
-        vqa_generation={"num_beams": 1, "max_new_tokens": 2},
-        caption_generation={"num_beams": 1, "max_new_tokens": 2},
-        vqa_true_description=2,
-        keep_predictions=True,
-        progress=False,
-    )
-    data = load_scenes_eval(split)
-    first_two = [q for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in (0, 1)]
-    ceiling = result["vqa_true_caption"]
-    assert ceiling["n_images"] == 2 and set(ceiling["predictions"]) == set(first_two)
-    assert ceiling["context"] == "true description"
-    told = prompts[-len(first_two) :]
-    for image_id in (0, 1):
-        description = detailed_caption(data["objects"][image_id])
-        assert sum(p.startswith(description + ". Question:") for p in told) == sum(
-            data["questions"][q]["image_id"] == image_id for q in first_two
+    context = {0: "a {braced} scene.", 1: "another scene"}
+    told = {q: a for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in context}
+    report = eval_vqa(Spy(), data["questions"], told, data["paths"], template="Q: {} A:", context=context)
+    assert report["context"] == "given" and set(report["predictions"]) == set(told)
+    expected = {
+        (
+            data["paths"][data["questions"][q]["image_id"]],
+            f"{context[data['questions'][q]['image_id']].rstrip('. ')}. Q: {data['questions'][q]['question']} A:",
         )
-    with pytest.raises(ValueError, match="scenes split"):
-        run_eval(model=model, coco_captions=split / "captions_coco.json", images=split, vqa_true_description=2)
+        for q in told
+    }
+    assert sorted(seen) == sorted(expected)

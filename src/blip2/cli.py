@@ -78,9 +78,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from blip2.eval.runner import main as eval_main
+    from blip2.eval.runner import (
+        check_output_path,
+        evaluate_from_paths,
+        format_summary,
+        without_predictions,
+        write_results,
+    )
 
-    eval_main(args)
+    output = check_output_path(args.output) if args.output else None  # before any work, not after it
+    result = evaluate_from_paths(
+        args.model,
+        retrieval_model=args.retrieval_model,
+        device=args.device,
+        protocol=args.protocol,
+        scenes=args.scenes,
+        coco_captions=args.coco_captions,
+        vqa_questions=args.vqa_questions,
+        vqa_annotations=args.vqa_annotations,
+        images=args.images,
+        caption_prompt=args.prompt,
+        vqa_template=args.vqa_template,
+        num_beams=args.num_beams,
+        answer_words=args.answer_words,
+        retrieval_k=args.retrieval_k,
+        caption_metric_names=args.metrics or ("BLEU", "CIDEr"),
+        max_images=args.max_images,
+        keep_predictions=output is not None,
+    )
+    _print(without_predictions(result), args.json, format_summary(result))
+    if output is not None:  # after printing: a failed write loses no metrics
+        write_results(result, output)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -220,20 +248,22 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write metrics JSON (with every prediction) here")
     p.add_argument("--retrieval-model", default=None, help="stage-1 (Q-Former) checkpoint for retrieval")
     p.add_argument("--prompt", default=None, help="text the captions continue, e.g. 'a photo of'")
-    p.add_argument("--vqa-template", type=question_template, default=VQA_PROMPT)
-    p.add_argument("--answer-words", type=int, default=0, help="keep the first N words of each answer (0: all)")
-    p.add_argument("--retrieval-k", type=positive_int, default=16, help="ITC shortlist re-ranked by ITM")
-    p.add_argument("--metrics", nargs="+", default=None, help="caption metrics (default BLEU CIDEr; METEOR, SPICE)")
-    p.add_argument("--num-beams", type=positive_int, default=None)
-    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate the first N images only")
-    p.add_argument("--vqa-caption-context", action="store_true", help="also answer after the model's own caption")
     p.add_argument(
-        "--vqa-true-description",
-        type=int,
-        default=0,
-        metavar="N",
-        help="scenes: also answer the first N images' questions after their true description (the LLM's ceiling)",
+        "--protocol",
+        choices=["lavis", "fast"],
+        default="lavis",
+        help="lavis: the authors' settings per LLM family (5 beams, k=128); fast: greedy, k=16",
     )
+    p.add_argument(
+        "--vqa-template", type=question_template, default=None, help="VQA prompt (default: the protocol's, LAVIS's)"
+    )
+    p.add_argument("--answer-words", type=int, default=0, help="keep the first N words of each answer (0: all)")
+    p.add_argument("--retrieval-k", type=positive_int, default=None, help="ITC shortlist re-ranked by ITM (lavis: 128)")
+    p.add_argument("--metrics", nargs="+", default=None, help="caption metrics (default BLEU CIDEr; METEOR, SPICE)")
+    p.add_argument(
+        "--num-beams", type=positive_int, default=None, help="beams for captions and VQA (default: the protocol's)"
+    )
+    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate the first N images only")
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:

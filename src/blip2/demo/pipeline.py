@@ -163,9 +163,9 @@ class Pipeline:
             caption_metric_names=s.caption_metrics,
             batch_size=s.eval_batch_size,
             keep_predictions=True,
-            vqa_caption_context=s.vqa_caption_context,
-            vqa_true_description=s.vqa_true_caption_images,
         )
+        if s.vqa_true_caption_images > 0:
+            results["vqa_true_caption"] = true_description_ceiling(stage2, data_dir / "test", s)
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results))
@@ -226,6 +226,32 @@ class Pipeline:
 
         plots = [p for p in (self.out / "stage1_losses.png", self.out / "stage2_losses.png") if p.is_file()]
         return write_report(self.out / "report.html", data_dir / "test", results, metrics, plots, self.s.n_report)
+
+
+def true_description_ceiling(model: Blip2, split_dir: Path, s: DemoSettings) -> dict[str, Any]:
+    """The frozen LLM's ceiling: VQA on the first ``s.vqa_true_caption_images`` test images with the true scene
+    description written before each question (the visual prompt still there)."""
+    from blip2.data.scenes import detailed_caption
+    from blip2.eval.runner import eval_vqa
+    from blip2.eval.scenes import load_scenes_eval
+
+    data = load_scenes_eval(split_dir)
+    first = list(data["paths"])[: s.vqa_true_caption_images]
+    first_set = set(first)
+    told = {q: a for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in first_set}
+    report = eval_vqa(
+        model,
+        data["questions"],
+        told,
+        data["paths"],
+        template=s.vqa_template,
+        generation=s.vqa_generation,
+        answer_words=s.answer_words,
+        batch_size=s.eval_batch_size,
+        context={i: detailed_caption(data["objects"][i]) for i in first},
+    )
+    report.update({"context": "true description", "n_images": len(first)})
+    return report
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
 
 
 def _samples(split_dir: Path, results: dict[str, Any], n: int) -> str:
-    from blip2.eval.runner import load_scenes_eval
+    from blip2.eval.scenes import load_scenes_eval
 
     data = load_scenes_eval(split_dir)
     captions = (results.get("captions") or {}).get("predictions", {})
@@ -84,7 +84,7 @@ def _samples(split_dir: Path, results: dict[str, Any], n: int) -> str:
 
 
 def _normal(answer: str) -> str:
-    from blip2.eval.runner import normalize_vqa_answer
+    from blip2.eval.vqa import normalize_vqa_answer
 
     return normalize_vqa_answer(answer)
 

@@ -131,6 +131,11 @@ def answer(
 ) -> list[str]:
     """Zero-shot VQA: one answer per question. One image with several questions is encoded once.
 
+    The default prompt is the short ``VQA_PROMPT`` ("Question: {} Answer:", transformers' documentation).
+    The authors' zero-shot VQAv2 evaluation uses ``LAVIS_VQA_PROMPT`` ("Question: {} Short answer:") on
+    lower-cased questions without ``.!"()*#:;~``, 5 beams, at most 10 new tokens, length penalty 0 for OPT
+    and -1 for FlanT5; ``blip2 eval`` (`blip2.eval.protocol`) uses those settings.
+
     With ``shared_prefix`` (decoder-only LLMs whose positions follow the attention mask, e.g. OPT), the
     LLM also runs the part of the prompt the questions share (the image's visual prompt and the template's
     leading text) once per image, and each question's prompt once rather than once per beam
