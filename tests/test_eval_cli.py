@@ -199,25 +199,30 @@ def test_eval_command_checks_the_files_before_loading_a_model(
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--num-beams", "0", "--num-beams must be at least 1, got 0"),
-        ("--retrieval-k", "-1", "--retrieval-k must be at least 1, got -1"),
-        ("--max-images", "0", "--max-images must be at least 1, got 0"),
-        ("--answer-words", "-2", "--answer-words must be 0 (keep every word) or more, got -2"),
-        (
-            "--vqa-template",
-            "Q: {}{} A:",
-            "--vqa-template must hold exactly one '{}' for the question, got 'Q: {}{} A:'",
-        ),
-        ("--vqa-template", "Q: A:", "--vqa-template must hold exactly one '{}' for the question, got 'Q: A:'"),
-        ("--vqa-template", "Q: {0 A:", "--vqa-template must hold exactly one '{}' for the question, got 'Q: {0 A:'"),
+        ("--num-beams", "0", "argument --num-beams: must be at least 1, got 0"),
+        ("--retrieval-k", "-1", "argument --retrieval-k: must be at least 1, got -1"),
+        ("--max-images", "0", "argument --max-images: must be at least 1, got 0"),
+        ("--vqa-template", "Q: {}{} A:", "argument --vqa-template: the template must hold exactly one '{}'"),
+        ("--vqa-template", "Q: A:", "argument --vqa-template: the template must hold exactly one '{}'"),
+        ("--vqa-template", "Q: {0 A:", "argument --vqa-template: the template must hold exactly one '{}'"),
     ],
 )
 def test_bad_flag_values_are_rejected_before_loading(
     flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runner, "_load_models", lambda *a: pytest.fail("a model loaded before the flags were checked"))
-    assert cli_main(["eval", flag, value]) == 2
-    assert capsys.readouterr().err == f"blip2 eval: error: {message}\n"
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a usage line and the error, exit status 2
+        cli_main(["eval", flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_negative_answer_words_is_rejected_before_loading(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "_load_models", lambda *a: pytest.fail("a model loaded before the flags were checked"))
+    assert cli_main(["eval", "--answer-words", "-2"]) == 2
+    assert capsys.readouterr().err == "blip2 eval: error: --answer-words must be 0 (keep every word) or more, got -2\n"
 
 
 def test_the_runner_imports_the_scenes_only_when_they_are_evaluated() -> None:
