@@ -21,8 +21,9 @@ from PIL import Image
 
 from blip2.data.images import load_image
 from blip2.model import Blip2, Blip2QFormer
-from blip2.serve.app import ServeConfig, _load, background_server, create_app
+from blip2.serve.app import ServeConfig, create_app
 from blip2.serve.batching import BatcherClosed, MicroBatcher, QueueFull
+from blip2.serve.server import background_server, load_model
 from blip2.testing import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,6 +447,6 @@ def test_load_over_http_all_answered(llm_model: Blip2) -> None:
 
 def test_serve_loads_a_checkpoint_directory(tmp_path: Path) -> None:
     make_tiny_model(tmp_path, llm=None)
-    assert isinstance(_load(str(tmp_path), "cpu"), Blip2QFormer)
+    assert isinstance(load_model(str(tmp_path), "cpu"), Blip2QFormer)
     model = make_tiny_model(None, llm="opt")
-    assert _load(model, "cpu") is model
+    assert load_model(model, "cpu") is model
