@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import h11
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from blip2.serve.app import create_app
@@ -110,11 +112,16 @@ def _protocol_for(config: ServeConfig) -> type[H11Protocol]:
 def uvicorn_config(app: FastAPI, config: ServeConfig, log_level: str = "info", **kwargs: Any) -> uvicorn.Config:
     """uvicorn's settings for ``app``: the h11 protocol with ``config``'s header deadline, connection cap and
     keep-alive timeout. ``kwargs`` go to `uvicorn.Config` (host, port, ...)."""
+    # uvicorn configures only its own loggers: the server's (blip2.serve.*, e.g. "a client closed the
+    # connection") get the same handler, else Python would show only their warnings, unformatted.
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["blip2"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     return uvicorn.Config(
         app,
         http=_protocol_for(config),
         timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type]  # uvicorn accepts a float
         log_level=log_level,
+        log_config=log_config,
         lifespan="on",
         **kwargs,
     )
