@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import io
 import json
@@ -601,28 +602,55 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+def _wait_for(records: _Records) -> None:
+    """Until a first record arrives (the server logs after answering), then a little longer for a second."""
+    deadline = time.monotonic() + 10
+    while not records.records and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def _capture_logs(records: _Records) -> Iterator[None]:
+    """The server's and uvicorn's log records at INFO and above; enter after the server's start, which
+    configures these loggers (they do not propagate to the root logger that caplog watches)."""
+    loggers = [logging.getLogger("uvicorn"), logging.getLogger("blip2")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(records)
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(records)
+            lg.setLevel(level)
+
+
 def test_a_client_leaving_mid_upload_logs_one_line() -> None:
     """An everyday event: it used to log two tracebacks (122 lines) and no single clear line."""
     records = _Records()
-    loggers = [logging.getLogger("uvicorn"), logging.getLogger("blip2")]
     with background_server(create_app(ColourModel())) as url:
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:  # after the server's start, which configures these loggers
-            lg.addHandler(records)
-            lg.setLevel(logging.INFO)
-        try:
+        with _capture_logs(records):
             with _connect(url) as sock:
                 sock.sendall(MULTIPART_HEAD % 100_000 + _multipart_body(b"x" * 5000)[:5000])
                 time.sleep(0.2)
-            deadline = time.monotonic() + 10
-            while not records.records and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(0.3)  # a second record (the old traceback) would come right after the first
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.removeHandler(records)
-                lg.setLevel(level)
+            _wait_for(records)
         assert httpx.post(url + "/caption", files=upload(), timeout=10).status_code == 200
     lines = [r.getMessage() for r in records.records]
     assert len(lines) == 1 and "closed the connection during POST /caption" in lines[0], lines
     assert not any(r.exc_info for r in records.records)
+
+
+def test_a_bug_is_a_json_500_with_one_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug outside the model call still answers JSON; uvicorn logs its traceback once (it used to be twice)."""
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("blip2.serve.app.read_request", broken)
+    records = _Records()
+    with background_server(create_app(ColourModel())) as url, _capture_logs(records):
+        assert_error(httpx.post(url + "/caption", files=upload(), timeout=10), 500, "RuntimeError: a bug")
+        _wait_for(records)
+    assert sum(r.exc_info is not None for r in records.records) == 1, [r.getMessage() for r in records.records]
