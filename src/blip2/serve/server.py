@@ -96,7 +96,8 @@ class _GuardedH11(H11Protocol):
             body = json.dumps({"error": message}).encode()
             head = "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
             self.transport.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-        self.conn.send(h11.ConnectionClosed())
+        with contextlib.suppress(h11.LocalProtocolError):  # as uvicorn's connection_lost does
+            self.conn.send(h11.ConnectionClosed())
         self.transport.close()
 
 
