@@ -1,51 +1,28 @@
-"""The HTTP API (blip2.serve.app): every endpoint, both encodings, every bad input, batching, queue full, load."""
+"""The HTTP API (blip2.serve.app) in-process: every endpoint, both encodings, every bad input, batching, queue full.
+
+Over real HTTP (load, slow and vanished clients): tests/test_serve_http.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import importlib.util
 import io
-import json
-import logging
-import select
-import socket
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_helpers import ColourModel, assert_error, b64, png, post_concurrently, upload
 
 from blip2.data.images import load_image
 from blip2.model import Blip2, Blip2QFormer
 from blip2.serve.app import ServeConfig, create_app
 from blip2.serve.batching import BatcherClosed, MicroBatcher, QueueFull
-from blip2.serve.server import background_server, load_model
+from blip2.serve.server import load_model
 from blip2.testing import make_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def png(size: tuple[int, int] = (48, 40), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def upload(data: bytes | None = None, name: str = "red.png") -> dict[str, Any]:
-    return {"image": (name, png() if data is None else data, "image/png")}
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +45,6 @@ def client(llm_model: Blip2) -> Iterator[TestClient]:
 def qclient(qformer_model: Blip2QFormer) -> Iterator[TestClient]:
     with TestClient(create_app(qformer_model)) as c:
         yield c
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    for word in words:
-        assert word.lower() in error.lower(), error
 
 
 # ------------------------------------------------------------------------------------------------ endpoints
@@ -285,39 +255,6 @@ def test_streamed_body_over_the_limit(llm_model: Blip2) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ batching
-class ColourModel:
-    """A fake model: the caption names the image's colour, so each answer shows which image it came from."""
-
-    def __init__(self, delay: float = 0.0, refuse: tuple[int, int, int] | None = None) -> None:
-        self.delay = delay
-        self.refuse = refuse
-        self.calls: list[tuple[str, int, Any]] = []
-        self.lock = threading.Lock()
-
-    def _colour(self, image: Image.Image) -> tuple[int, int, int]:
-        colour = image.getpixel((0, 0))
-        if colour == self.refuse:
-            raise ValueError(f"this model refuses the colour {colour}")
-        return colour
-
-    def caption(
-        self, images: list[Image.Image], prompt: str | None = None, batch_size: int = 8, **gen: Any
-    ) -> list[str]:
-        time.sleep(self.delay)
-        with self.lock:
-            self.calls.append(("caption", len(images), gen.get("num_beams")))
-        return [f"{prompt or ''}{self._colour(im)}" for im in images]
-
-    def answer(self, images: list[Image.Image], questions: list[str], batch_size: int = 8) -> list[str]:
-        with self.lock:
-            self.calls.append(("answer", len(images), None))
-        return [f"{q} {self._colour(im)}" for im, q in zip(images, questions, strict=True)]
-
-
-async def _concurrently(app: FastAPI, requests: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        return await asyncio.gather(*(c.post(path, **kwargs) for path, kwargs in requests))
 
 
 def test_concurrent_requests_share_model_calls() -> None:
@@ -327,7 +264,7 @@ def test_concurrent_requests_share_model_calls() -> None:
     requests = [("/caption", {"files": upload(png(colour=c))}) for c in colours]
     requests += [("/caption", {"json": {"image": b64(png(colour=c)), "num_beams": 2}}) for c in colours[:4]]
     requests += [("/answer", {"json": {"image": b64(png(colour=c)), "questions": ["q1", "q2"]}}) for c in colours[:3]]
-    responses = asyncio.run(_concurrently(app, requests))
+    responses = asyncio.run(post_concurrently(app, requests))
     app.state.batcher.close()
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     for r, c in zip(responses[:16], colours + colours[:4], strict=True):  # each request got its own result
@@ -346,7 +283,7 @@ def test_a_refused_request_fails_alone() -> None:
     bad = (1, 2, 3)
     app = create_app(ColourModel(refuse=bad), ServeConfig(max_batch=8, max_wait_ms=100))
     colours = [(50, 50, 50), bad, (60, 60, 60)]
-    responses = asyncio.run(_concurrently(app, [("/caption", {"files": upload(png(colour=c))}) for c in colours]))
+    responses = asyncio.run(post_concurrently(app, [("/caption", {"files": upload(png(colour=c))}) for c in colours]))
     app.state.batcher.close()
     assert [r.status_code for r in responses] == [200, 400, 200]
     assert "refuses" in responses[1].json()["error"]
@@ -434,223 +371,8 @@ def test_batcher_close_fails_waiting_requests() -> None:
         batcher.submit_future("k", 5)
 
 
-# ------------------------------------------------------------------------------------------------ real server
-def _load_benchmark() -> Any:
-    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_load_over_http_all_answered(llm_model: Blip2) -> None:
-    """≥ 50 concurrent requests over real HTTP (uvicorn on loopback): each gets 200 or 503, the server lives on."""
-    bench = _load_benchmark()
-    config = ServeConfig(max_batch=8, queue_size=16)
-    app = create_app(llm_model, config)
-    with background_server(app) as url:
-        statuses, _ = asyncio.run(bench.fire(url, n_requests=60, concurrency=60))
-        assert set(statuses) <= {200, 503} and sum(statuses.values()) == 60
-        assert statuses[200] >= 16
-        assert httpx.get(url + "/healthz").json()["queue"]["waiting"] == 0
-    assert app.state.batcher.stats.largest_batch > 1
-
-
 def test_serve_loads_a_checkpoint_directory(tmp_path: Path) -> None:
     make_tiny_model(tmp_path, llm=None)
     assert isinstance(load_model(str(tmp_path), "cpu"), Blip2QFormer)
     model = make_tiny_model(None, llm="opt")
     assert load_model(model, "cpu") is model
-
-
-# ------------------------------------------------------------------------------------------------ slow clients
-# A real server on a loopback port with short limits; raw sockets play the clients that httpx cannot: ones that
-# stall or trickle their headers or body, connect and say nothing, or vanish mid-upload (issues 16 and 17).
-SLOW = ServeConfig(header_timeout_s=0.5, body_timeout_s=0.5, min_upload_rate=1000)
-MULTIPART_HEAD = (
-    b"POST /caption HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=bb\r\n"
-    b"Content-Length: %d\r\n\r\n"
-)
-
-
-def _multipart_body(data: bytes) -> bytes:
-    head = b'--bb\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
-    return head + data + b"\r\n--bb--\r\n"
-
-
-def _connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
-def _read_until_closed(sock: socket.socket, within: float = 5.0) -> bytes:
-    """Everything the server sends until it closes the connection; fails if it is still open after ``within``."""
-    sock.settimeout(within)
-    chunks = []
-    try:
-        while data := sock.recv(65536):
-            chunks.append(data)
-    except TimeoutError:
-        pytest.fail(f"the server kept the connection open for {within} s; got {b''.join(chunks)[:200]!r}")
-    except ConnectionResetError:  # closed while the client was still sending: what it sent before still counts
-        pass
-    return b"".join(chunks)
-
-
-def _trickle(sock: socket.socket, data: bytes, every: float = 0.05, until_answered: bool = True) -> threading.Thread:
-    """Send ``data`` a byte at a time until the server closes (or, with ``until_answered``, answers)."""
-
-    def run() -> None:
-        for byte in data:
-            if until_answered and select.select([sock], [], [], every)[0]:
-                return
-            time.sleep(0 if until_answered else every)
-            try:
-                sock.send(bytes([byte]))
-            except OSError:
-                return
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
-def _error_of(reply: bytes, status: int) -> str:
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 %d " % status), reply[:300]
-    assert b"connection: close" in head.lower(), head
-    return json.loads(body)["error"]
-
-
-def test_slow_uploads_are_cut_off_while_others_are_served() -> None:
-    with background_server(create_app(ColourModel(), SLOW)) as url:
-        stalled = _connect(url)  # headers, then a little of the body, then nothing
-        stalled.sendall(MULTIPART_HEAD % 100_000 + _multipart_body(b"x" * 100)[:150])
-        trickling = _connect(url)  # headers, then one byte every 50 ms: 20 B/s, under the 1000 B/s allowed
-        trickling.sendall(MULTIPART_HEAD % 100_000)
-        trickler = _trickle(trickling, _multipart_body(b"x" * 1000))
-        unread = _connect(url)  # a body the app answers (404) without reading it, trickled for ever after
-        unread.sendall(b"POST /nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
-        drip = _trickle(unread, b"x" * 1000, until_answered=False)
-        assert httpx.post(url + "/caption", files=upload(), timeout=10).status_code == 200  # served meanwhile
-        for sock in (stalled, trickling):
-            assert "did not arrive in time" in _error_of(_read_until_closed(sock), 408)
-            sock.close()
-        assert _read_until_closed(unread).startswith(b"HTTP/1.1 404 ")
-        unread.close()
-        trickler.join(5)
-        drip.join(5)
-        assert httpx.post(url + "/caption", files=upload(), timeout=10).status_code == 200
-
-
-def test_a_slow_but_steady_upload_finishes() -> None:
-    """The body deadline grows with what arrives: 1 s per min_upload_rate bytes."""
-    noisy = io.BytesIO()
-    Image.effect_noise((48, 48), 60).convert("RGB").save(noisy, "PNG")
-    body = _multipart_body(noisy.getvalue())
-    assert len(body) > 4000
-    with background_server(create_app(ColourModel(), SLOW)) as url, _connect(url) as sock:
-        sock.sendall(MULTIPART_HEAD % len(body))
-        for i in range(0, len(body), 500):  # 500 bytes every 0.1 s: ~1 s in all, twice the 0.5 s base deadline
-            time.sleep(0.1)
-            sock.sendall(body[i : i + 500])
-        sock.settimeout(10)
-        reply = sock.recv(65536)
-    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
-
-
-def test_slow_headers_and_silent_connections_are_closed() -> None:
-    with background_server(create_app(ColourModel(), SLOW)) as url:
-        silent = _connect(url)  # connects and sends nothing
-        partial = _connect(url)  # half a request head, then nothing
-        partial.sendall(b"POST /caption HTTP/1.1\r\nHost: test\r\n")
-        trickling = _connect(url)  # a request head a byte at a time: activity must not extend the deadline
-        trickler = _trickle(trickling, b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 1000)
-        assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # served meanwhile
-        assert _read_until_closed(silent) == b""  # nothing was asked, so nothing is answered
-        for sock in (partial, trickling):
-            assert "headers did not arrive within 0.5 s" in _error_of(_read_until_closed(sock), 408)
-        trickler.join(5)
-        for sock in (silent, partial, trickling):
-            sock.close()
-        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
-
-
-def test_connection_cap_answers_503_then_recovers() -> None:
-    config = ServeConfig(max_connections=2, header_timeout_s=0.5)
-    with background_server(create_app(ColourModel(), config)) as url:
-        held = [_connect(url) for _ in range(2)]
-        for sock in held:
-            sock.sendall(b"G")  # a request begun (and so surely accepted by the server), never finished
-        time.sleep(0.2)
-        busy = httpx.get(url + "/healthz", timeout=10)
-        assert_error(busy, 503, "too many open connections")
-        assert busy.headers["retry-after"] == "1"
-        for sock in held:  # the held connections time out, and the server serves again
-            _read_until_closed(sock)
-            sock.close()
-        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def _wait_for(records: _Records) -> None:
-    """Until a first record arrives (the server logs after answering), then a little longer for a second."""
-    deadline = time.monotonic() + 10
-    while not records.records and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
-
-
-@contextlib.contextmanager
-def _capture_logs(records: _Records) -> Iterator[None]:
-    """The server's and uvicorn's log records at INFO and above; enter after the server's start, which
-    configures these loggers (they do not propagate to the root logger that caplog watches)."""
-    loggers = [logging.getLogger("uvicorn"), logging.getLogger("blip2")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(records)
-        lg.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.removeHandler(records)
-            lg.setLevel(level)
-
-
-def test_a_client_leaving_mid_upload_logs_one_line() -> None:
-    """An everyday event: it used to log two tracebacks (122 lines) and no single clear line."""
-    records = _Records()
-    with background_server(create_app(ColourModel())) as url:
-        with _capture_logs(records):
-            with _connect(url) as sock:
-                sock.sendall(MULTIPART_HEAD % 100_000 + _multipart_body(b"x" * 5000)[:5000])
-                time.sleep(0.2)
-            _wait_for(records)
-        assert httpx.post(url + "/caption", files=upload(), timeout=10).status_code == 200
-    lines = [r.getMessage() for r in records.records]
-    assert len(lines) == 1 and "closed the connection during POST /caption" in lines[0], lines
-    assert not any(r.exc_info for r in records.records)
-
-
-def test_a_bug_is_a_json_500_with_one_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug outside the model call still answers JSON; uvicorn logs its traceback once (it used to be twice)."""
-
-    async def broken(*args: Any) -> Any:
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr("blip2.serve.app.read_request", broken)
-    records = _Records()
-    with background_server(create_app(ColourModel())) as url, _capture_logs(records):
-        assert_error(httpx.post(url + "/caption", files=upload(), timeout=10), 500, "RuntimeError: a bug")
-        _wait_for(records)
-    assert sum(r.exc_info is not None for r in records.records) == 1, [r.getMessage() for r in records.records]
