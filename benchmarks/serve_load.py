@@ -35,7 +35,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from blip2.serve.app import ServeConfig, background_server, create_app
+from blip2.serve.app import ServeConfig, create_app
+from blip2.serve.server import background_server
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
-from blip2.serve.app import ServeConfig, background_server, create_app
+from blip2.serve.app import ServeConfig, create_app
+from blip2.serve.server import background_server
 from blip2.testing import make_tiny_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

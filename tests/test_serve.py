@@ -1,45 +1,28 @@
-"""The HTTP API (blip2.serve.app): every endpoint, both encodings, every bad input, batching, queue full, load."""
+"""The HTTP API (blip2.serve.app) in-process: every endpoint, both encodings, every bad input, batching, queue full.
+
+Over real HTTP (load, slow and vanished clients): tests/test_serve_http.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import importlib.util
 import io
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_helpers import ColourModel, assert_error, b64, png, post_concurrently, upload
 
 from blip2.data.images import load_image
 from blip2.model import Blip2, Blip2QFormer
-from blip2.serve.app import ServeConfig, _load, background_server, create_app
+from blip2.serve.app import ServeConfig, create_app
 from blip2.serve.batching import BatcherClosed, MicroBatcher, QueueFull
+from blip2.serve.server import load_model
 from blip2.testing import make_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def png(size: tuple[int, int] = (48, 40), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def upload(data: bytes | None = None, name: str = "red.png") -> dict[str, Any]:
-    return {"image": (name, png() if data is None else data, "image/png")}
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +45,6 @@ def client(llm_model: Blip2) -> Iterator[TestClient]:
 def qclient(qformer_model: Blip2QFormer) -> Iterator[TestClient]:
     with TestClient(create_app(qformer_model)) as c:
         yield c
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    for word in words:
-        assert word.lower() in error.lower(), error
 
 
 # ------------------------------------------------------------------------------------------------ endpoints
@@ -220,6 +196,13 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, tuple[str, ...]]] = [
     ("long question", "/answer", {"json": {"image": b64(png()), "question": "why " * 300}}, 400, ("question",)),
     ("text/plain", "/caption", {"content": b"hi", "headers": {"content-type": "text/plain"}}, 415, ("multipart",)),
     ("no type", "/caption", {"content": b"hi"}, 415, ("content-type",)),
+    (
+        "deep json",  # json's parser recursed until RecursionError: a 500 (issue 16)
+        "/caption",
+        {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+        400,
+        ("nested too deeply",),
+    ),
 ]
 
 
@@ -272,39 +255,6 @@ def test_streamed_body_over_the_limit(llm_model: Blip2) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ batching
-class ColourModel:
-    """A fake model: the caption names the image's colour, so each answer shows which image it came from."""
-
-    def __init__(self, delay: float = 0.0, refuse: tuple[int, int, int] | None = None) -> None:
-        self.delay = delay
-        self.refuse = refuse
-        self.calls: list[tuple[str, int, Any]] = []
-        self.lock = threading.Lock()
-
-    def _colour(self, image: Image.Image) -> tuple[int, int, int]:
-        colour = image.getpixel((0, 0))
-        if colour == self.refuse:
-            raise ValueError(f"this model refuses the colour {colour}")
-        return colour
-
-    def caption(
-        self, images: list[Image.Image], prompt: str | None = None, batch_size: int = 8, **gen: Any
-    ) -> list[str]:
-        time.sleep(self.delay)
-        with self.lock:
-            self.calls.append(("caption", len(images), gen.get("num_beams")))
-        return [f"{prompt or ''}{self._colour(im)}" for im in images]
-
-    def answer(self, images: list[Image.Image], questions: list[str], batch_size: int = 8) -> list[str]:
-        with self.lock:
-            self.calls.append(("answer", len(images), None))
-        return [f"{q} {self._colour(im)}" for im, q in zip(images, questions, strict=True)]
-
-
-async def _concurrently(app: FastAPI, requests: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        return await asyncio.gather(*(c.post(path, **kwargs) for path, kwargs in requests))
 
 
 def test_concurrent_requests_share_model_calls() -> None:
@@ -314,7 +264,7 @@ def test_concurrent_requests_share_model_calls() -> None:
     requests = [("/caption", {"files": upload(png(colour=c))}) for c in colours]
     requests += [("/caption", {"json": {"image": b64(png(colour=c)), "num_beams": 2}}) for c in colours[:4]]
     requests += [("/answer", {"json": {"image": b64(png(colour=c)), "questions": ["q1", "q2"]}}) for c in colours[:3]]
-    responses = asyncio.run(_concurrently(app, requests))
+    responses = asyncio.run(post_concurrently(app, requests))
     app.state.batcher.close()
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     for r, c in zip(responses[:16], colours + colours[:4], strict=True):  # each request got its own result
@@ -333,7 +283,7 @@ def test_a_refused_request_fails_alone() -> None:
     bad = (1, 2, 3)
     app = create_app(ColourModel(refuse=bad), ServeConfig(max_batch=8, max_wait_ms=100))
     colours = [(50, 50, 50), bad, (60, 60, 60)]
-    responses = asyncio.run(_concurrently(app, [("/caption", {"files": upload(png(colour=c))}) for c in colours]))
+    responses = asyncio.run(post_concurrently(app, [("/caption", {"files": upload(png(colour=c))}) for c in colours]))
     app.state.batcher.close()
     assert [r.status_code for r in responses] == [200, 400, 200]
     assert "refuses" in responses[1].json()["error"]
@@ -421,31 +371,8 @@ def test_batcher_close_fails_waiting_requests() -> None:
         batcher.submit_future("k", 5)
 
 
-# ------------------------------------------------------------------------------------------------ real server
-def _load_benchmark() -> Any:
-    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_load_over_http_all_answered(llm_model: Blip2) -> None:
-    """≥ 50 concurrent requests over real HTTP (uvicorn on loopback): each gets 200 or 503, the server lives on."""
-    bench = _load_benchmark()
-    config = ServeConfig(max_batch=8, queue_size=16)
-    app = create_app(llm_model, config)
-    with background_server(app) as url:
-        statuses, _ = asyncio.run(bench.fire(url, n_requests=60, concurrency=60))
-        assert set(statuses) <= {200, 503} and sum(statuses.values()) == 60
-        assert statuses[200] >= 16
-        assert httpx.get(url + "/healthz").json()["queue"]["waiting"] == 0
-    assert app.state.batcher.stats.largest_batch > 1
-
-
 def test_serve_loads_a_checkpoint_directory(tmp_path: Path) -> None:
     make_tiny_model(tmp_path, llm=None)
-    assert isinstance(_load(str(tmp_path), "cpu"), Blip2QFormer)
+    assert isinstance(load_model(str(tmp_path), "cpu"), Blip2QFormer)
     model = make_tiny_model(None, llm="opt")
-    assert _load(model, "cpu") is model
+    assert load_model(model, "cpu") is model

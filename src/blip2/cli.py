@@ -112,12 +112,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from blip2.serve.app import ServeConfig, serve
+    from blip2.serve.config import ServeConfig
+    from blip2.serve.server import serve
 
     config = ServeConfig(
         max_batch=args.max_batch,
         queue_size=args.queue_size,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections,
     )
     serve(
         args.model,
@@ -274,6 +279,14 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive_int, default=8, help="requests combined into one model call")
     p.add_argument("--queue-size", type=positive_int, default=64, help="waiting requests before answering 503")
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0)
+    p.add_argument(
+        "--header-timeout", type=positive_float, default=10.0, help="seconds for a request's headers to arrive"
+    )
+    p.add_argument(
+        "--body-timeout", type=positive_float, default=30.0, help="seconds for a request body, +1 s per 10 kB received"
+    )
+    p.add_argument("--keep-alive", type=positive_float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument("--max-connections", type=positive_int, default=256, help="open connections before answering 503")
     p.add_argument("--torch-threads", type=positive_int, default=None)
     _no_optimize(p)
 
