@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from blip2.checkpoints.core import CheckpointError
+from blip2.checkpoints import CheckpointError
 from blip2.cli import main
 from blip2.data.images import ImageError
 from blip2.model import Blip2, Blip2QFormer

@@ -56,7 +56,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from blip2.checkpoints.core import convert
+    from blip2.checkpoints import convert
 
     out = convert(args.source, args.destination, to=args.to, preset=args.config, llm_prefix=args.llm_prefix)
     _print({"written": str(out)}, args.json, [f"wrote {out}"])
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
-    from blip2.checkpoints.core import CheckpointError
+    from blip2.checkpoints import CheckpointError
 
     try:
         func(args)
