@@ -12,6 +12,7 @@ from blip2.checkpoints import init_qformer_from_bert
 from blip2.checkpoints.lavis import lavis_to_ours, ours_to_lavis
 from blip2.config import Blip2Config, from_name, tiny_config
 from blip2.model import Blip2, Blip2QFormer
+from blip2.testing import zero_key_bias
 
 COMBOS = [(4, 2), (6, 1), (3, 3)]  # (num_query_tokens, cross_attention_frequency)
 
@@ -108,20 +109,11 @@ def test_retrieval_parity(tmp_path: Path, pixels: torch.Tensor, num_queries: int
     torch.testing.assert_close(got_itc, ref_itc.logits_per_image, atol=1e-4, rtol=0)
 
 
-def _zero_key_bias(model: torch.nn.Module) -> None:
-    """EVA's attention has q and v biases only; LAVIS stores them so (the k part must be zero)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("self_attn.qkv.bias"):
-                d = p.shape[0] // 3
-                p[d : 2 * d] = 0
-
-
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_lavis_state_dict_round_trip(tmp_path: Path, pixels: torch.Tensor, llm: str) -> None:
     cfg = tiny_config(llm)
     hf = make_hf_generation_model(cfg, tmp_path / "hf")
-    _zero_key_bias(hf)
+    zero_key_bias(hf)
     hf.save_pretrained(tmp_path / "hf")
     from_hf = Blip2.from_pretrained(tmp_path / "hf").eval()
     lavis = ours_to_lavis(from_hf.state_dict(), llm_prefix=llm)
@@ -145,7 +137,7 @@ def test_lavis_state_dict_round_trip(tmp_path: Path, pixels: torch.Tensor, llm: 
 def test_lavis_stage1_round_trip(tmp_path: Path, pixels: torch.Tensor) -> None:
     cfg = tiny_config(None)
     model = Blip2QFormer(cfg).eval()
-    _zero_key_bias(model)
+    zero_key_bias(model)
     lavis = ours_to_lavis(model.state_dict())
     assert "Qformer.cls.predictions.decoder.weight" in lavis and "temp" in lavis and "vision_proj.weight" in lavis
     torch.save(lavis, tmp_path / "stage1.pth")

@@ -155,6 +155,13 @@ def eva_to_ours(state: StateDict, num_layers: int) -> StateDict:
     return {k: v for k, v in lavis_to_ours(kept, strict=False).items() if k.startswith("vision_model.")}
 
 
+def lavis_llm_prefix(config: Blip2Config) -> str:
+    """LAVIS's attribute prefix for the LLM of ``config``: opt_model (blip2_opt), t5_model (blip2_t5), else
+    llm_model (its newer models)."""
+    model_type = config.llm.hf_config.get("model_type") if config.llm is not None else None
+    return model_type if model_type in ("opt", "t5") else "llm"
+
+
 def looks_lavis(state: StateDict) -> bool:
     return any(k.startswith(("Qformer.", "visual_encoder.", "ln_vision.")) for k in state)
 

@@ -15,8 +15,16 @@ from typing import Any
 import torch
 
 from blip2.checkpoints.hf import config_from_hf, hf_to_ours
-from blip2.checkpoints.lavis import load_lavis, looks_lavis, ours_to_lavis
-from blip2.checkpoints.ours import CONFIG_NAME, WEIGHTS_NAME, load_tokenizer, read_config, weights_file
+from blip2.checkpoints.lavis import lavis_llm_prefix, load_lavis, looks_lavis, ours_to_lavis
+from blip2.checkpoints.ours import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    config_from_dict,
+    load_tokenizer,
+    read_config,
+    read_config_file,
+    weights_file,
+)
 from blip2.checkpoints.state import CheckpointError, check_writable_folder, load_into, read_state_dict, write_file
 from blip2.config import Blip2Config
 
@@ -74,7 +82,7 @@ def load_model(
         return model.to(map_location)
     raw = read_config(path)
     if raw.get("format") == "blip2":
-        config = config or Blip2Config.from_dict(raw)
+        config = config or config_from_dict(raw, path / CONFIG_NAME)
         state = read_state_dict(weights_file(path))
     elif raw.get("model_type") == "blip-2":
         config = config or config_from_hf(raw)
@@ -154,24 +162,38 @@ def convert(
     destination: str | os.PathLike[str],
     to: str = "blip2",
     preset: str | None = None,
-    llm_prefix: str = "opt",
+    llm_prefix: str | None = None,
     vision_weights: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Convert a checkpoint: any loadable source → this project's directory format (``to="blip2"``), or →
     a LAVIS ``.pth`` file (``{"model": state_dict}`` with LAVIS names, ``to="lavis"``).
 
-    ``vision_weights``: LAVIS's ``eva_vit_g.pth``, for a LAVIS source without the image encoder (the official
-    files). The destination is checked first, and nothing is left half-written if writing fails.
-    """
-    from blip2.config import from_name
+    ``preset``: the config of a source that carries none (a LAVIS file): a preset name, or a ``config.json``
+    in this project's format (e.g. a preset's with ``llm.model_id`` pointing at a local copy of the LLM).
 
+    ``llm_prefix``: LAVIS's attribute prefix of the LLM (``opt_model`` / ``t5_model``); by default from the
+    LLM's model type. ``vision_weights``: LAVIS's ``eva_vit_g.pth``, for a LAVIS source without the image
+    encoder (the official files). The destination is checked first, and nothing is left half-written if
+    writing fails.
+    """
     out = Path(destination)
     check_destination(out, to)
-    config = from_name(preset) if preset else None
+    config = _config_named(preset) if preset else None
     model = load_any(source, config=config, vision_weights=vision_weights)
     if to == "blip2":
         model.save_pretrained(out)
     else:
+        llm_prefix = llm_prefix or lavis_llm_prefix(model.config)
         state = ours_to_lavis({k: v.detach().cpu() for k, v in model.state_dict().items()}, llm_prefix=llm_prefix)
         write_file(out, lambda tmp: torch.save({"model": state}, tmp))
     return out
+
+
+def _config_named(preset: str) -> Blip2Config:
+    """A preset name, or the path of a config.json in this project's format."""
+    from blip2.config import from_name
+
+    path = Path(preset)
+    if path.suffix == ".json" or path.is_file():
+        return config_from_dict(read_config_file(path), path)
+    return from_name(preset)

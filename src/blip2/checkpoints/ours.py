@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from blip2.checkpoints.state import CheckpointError, StateDict, check_writable_folder, write_file
+from blip2.config import Blip2Config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -22,9 +23,15 @@ _WEIGHTS_FILES = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.b
 
 def read_config(directory: Path) -> dict[str, Any]:
     """``directory/config.json`` as a dict; a missing, malformed or non-object file is a `CheckpointError`."""
-    cfg_file = directory / CONFIG_NAME
-    if not cfg_file.exists():
+    if not (directory / CONFIG_NAME).exists():
         raise CheckpointError(f"'{directory}' is not a checkpoint directory: it has no {CONFIG_NAME}")
+    return read_config_file(directory / CONFIG_NAME)
+
+
+def read_config_file(cfg_file: Path) -> dict[str, Any]:
+    """A config JSON file as a dict; a missing, malformed or non-object file is a `CheckpointError`."""
+    if not cfg_file.is_file():
+        raise CheckpointError(f"config file '{cfg_file}' does not exist")
     try:
         raw = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -35,6 +42,16 @@ def read_config(directory: Path) -> dict[str, Any]:
             "from the original"
         )
     return raw
+
+
+def config_from_dict(raw: dict[str, Any], cfg_file: Path) -> Blip2Config:
+    """Our `Blip2Config` from a config.json's contents; a malformed section names the file."""
+    try:
+        return Blip2Config.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"'{cfg_file}' is not a valid blip2 config ({exc}): restore it from the original"
+        ) from exc
 
 
 def weights_file(directory: Path) -> Path:
