@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from blip2.checkpoints import CheckpointError
+from blip2.checkpoints import CheckpointError, convert
 from blip2.cli import main
 from blip2.data.images import ImageError
 from blip2.model import Blip2, Blip2QFormer
@@ -307,8 +307,6 @@ def test_convert_write_failure_leaves_nothing(
 def test_written_files_get_the_umask_mode(tmp_path: Path, tiny_dir: Path, umask: int) -> None:
     """Files written by save_pretrained / convert are readable as a plain write would make them (0644 under
     umask 022), not 0600 as temporary-file writers create them."""
-    from blip2.checkpoints import convert
-
     old = os.umask(umask)
     try:
         Blip2.from_pretrained(tiny_dir).save_pretrained(tmp_path / "saved")
@@ -321,8 +319,6 @@ def test_written_files_get_the_umask_mode(tmp_path: Path, tiny_dir: Path, umask:
 
 
 def test_lavis_file_gets_the_umask_mode(tmp_path: Path) -> None:
-    from blip2.checkpoints import convert
-
     _lavis_compatible_stage1(tmp_path / "src")
     old = os.umask(0o022)
     try:

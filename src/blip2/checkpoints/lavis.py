@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from blip2.checkpoints.bert import LAYER_PARTS
-from blip2.checkpoints.state import OPTIONAL, CheckpointError, StateDict, load_into, read_state_dict
+from blip2.checkpoints.state import OPTIONAL, CheckpointError, StateDict, first_line, load_into, read_state_dict
 from blip2.config import Blip2Config
 
 EVA_VIT_G_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
@@ -222,7 +222,7 @@ def load_lavis(
             raise
         raise CheckpointError(
             f"'{source}' holds no language-model weights and loading them from '{llm_id}' failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): download that model "
+            f"({first_line(exc)}): download that model "
             f"(huggingface-cli download {llm_id}) or set llm.model_id to a local copy"
         ) from exc
     load_into(model, ours, source, optional)

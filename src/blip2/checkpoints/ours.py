@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blip2.checkpoints.state import CheckpointError, StateDict, check_writable_folder, write_file
+from blip2.checkpoints.state import CheckpointError, StateDict, check_writable_folder, first_line, write_file
 from blip2.config import Blip2Config
 
 CONFIG_NAME = "config.json"
@@ -88,10 +88,9 @@ def _tokenizer_problem(directory: Path, exc: Exception) -> str:
                 json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as bad:
                 return f"tokenizer file '{path}' is not valid JSON ({bad}): restore it from the original checkpoint"
-    first = str(exc).splitlines()[0] if str(exc) else ""
     return (
-        f"the tokenizer files in '{directory}' could not be loaded ({type(exc).__name__}: {first}): "
-        "restore them from the original checkpoint"
+        f"the tokenizer files in '{directory}' could not be loaded ({first_line(exc)}): restore them from the "
+        "original checkpoint"
     )
 
 

@@ -26,6 +26,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or written: the message names the file, the problem and the fix."""
 
 
+def first_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message``: library errors (transformers, tokenizers) run to many lines."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def read_state_dict(path: Path) -> StateDict:
     """Weights from a safetensors file, a sharded safetensors index, or a torch file (weights_only).
 
