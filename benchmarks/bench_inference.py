@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from blip2.checkpoints.core import config_from_hf, hf_to_ours
+from blip2.checkpoints.hf import config_from_hf, hf_to_ours
 from blip2.config import Blip2Config, from_name, small_vit, tiny_config
 from blip2.inference.fast import optimize_for_cpu_inference
 from blip2.model import Blip2

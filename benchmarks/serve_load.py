@@ -166,7 +166,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, str]:
 
         torch.set_num_threads(args.torch_threads)
     if args.model:
-        from blip2.checkpoints.core import load_any
+        from blip2.checkpoints import load_any
 
         return load_any(args.model).eval(), args.model
     from blip2.testing import make_tiny_model

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from blip2.checkpoints.core import CheckpointError
+from blip2.checkpoints import CheckpointError, convert
 from blip2.cli import main
 from blip2.data.images import ImageError
 from blip2.model import Blip2, Blip2QFormer
-from blip2.testing import make_tiny_model
+from blip2.testing import make_tiny_model, zero_key_bias
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +176,16 @@ def test_cli_bad_image_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert "broken.jpg" in capsys.readouterr().err
 
 
+def _lavis_compatible_stage1(directory: Path) -> Blip2QFormer:
+    """A tiny stage-1 model LAVIS's format can hold (EVA has no key bias), saved to ``directory``."""
+    model = zero_key_bias(make_tiny_model(None, llm=None))
+    model.save_pretrained(directory)
+    return model
+
+
 def test_cli_convert_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
     qformer_dir = tmp_path / "stage1"
-    model = make_tiny_model(qformer_dir, llm=None)
-    with torch.no_grad():  # EVA has no key bias: LAVIS cannot store one
-        for name, p in model.named_parameters():
-            if name.endswith("qkv.bias"):
-                p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0
-    model.save_pretrained(qformer_dir)
+    model = _lavis_compatible_stage1(qformer_dir)
     assert main(["convert", str(qformer_dir), str(tmp_path / "lavis.pth"), "--to", "lavis"]) == 0
     state = torch.load(tmp_path / "lavis.pth", weights_only=True)["model"]
     assert "Qformer.bert.embeddings.LayerNorm.weight" in state
@@ -224,3 +228,101 @@ def test_cli_packs_frozen_weights_by_default_with_the_same_output(
         outputs.append(capsys.readouterr().out)
     assert len(packed_counts) == 2 and all(n > 0 for n in packed_counts)  # only the default runs packed
     assert outputs[0] == outputs[1]
+
+
+def test_config_json_that_is_a_list_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json' holds a JSON list, not an object"):
+        Blip2.from_pretrained(tmp_path)
+
+
+def test_corrupt_tokenizer_json_names_the_file(tmp_path: Path, tiny_dir: Path) -> None:
+    for f in tiny_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "tokenizer.json").write_text((tiny_dir / "tokenizer.json").read_text()[:33])
+    with pytest.raises(CheckpointError, match=r"tokenizer file '.*tokenizer\.json' is not valid JSON"):
+        Blip2.from_pretrained(tmp_path)
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_convert_to_lavis_into_a_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The destination is checked before the source is even read: here the source does not exist."""
+    (tmp_path / "out").mkdir()
+    err = _cli_error(capsys, ["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "lavis"])
+    assert "is a folder, but a LAVIS checkpoint is one file" in err and "model.pth" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_convert_onto_an_existing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path) -> None:
+    target = tmp_path / "old.pth"
+    target.write_bytes(b"keep me")
+    err = _cli_error(capsys, ["convert", str(tiny_dir), str(target), "--to", "lavis"])
+    assert "old.pth' already exists: delete it or choose another file name" in err
+    assert target.read_bytes() == b"keep me"
+    err = _cli_error(capsys, ["convert", str(tiny_dir), str(target / "x.pth"), "--to", "lavis"])
+    assert "old.pth' is a file, not a folder" in err
+    err = _cli_error(capsys, ["convert", str(tiny_dir), str(target), "--to", "blip2"])
+    assert "old.pth' is a file, but this format is a folder" in err
+    err = _cli_error(capsys, ["convert", str(tiny_dir), str(tiny_dir), "--to", "blip2"])
+    assert "already holds a checkpoint" in err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_convert_into_a_read_only_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        err = _cli_error(capsys, ["convert", str(tiny_dir), str(locked / "m.pth"), "--to", "lavis"])
+    finally:
+        locked.chmod(0o755)
+    assert "cannot write the LAVIS checkpoint into" in err and "choose a writable folder" in err
+
+
+def test_convert_write_failure_leaves_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails half-way (disk full, a folder made read-only meanwhile) leaves no partial file."""
+    _lavis_compatible_stage1(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def failing_save(obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"half a checkpoint")
+        raise RuntimeError("File cannot be opened: [enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    err = _cli_error(capsys, ["convert", str(tmp_path / "src"), str(out / "m.pth"), "--to", "lavis"])
+    assert "could not write" in err and "m.pth" in err and "nothing was written" in err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umask_mode(tmp_path: Path, tiny_dir: Path, umask: int) -> None:
+    """Files written by save_pretrained / convert are readable as a plain write would make them (0644 under
+    umask 022), not 0600 as temporary-file writers create them."""
+    old = os.umask(umask)
+    try:
+        Blip2.from_pretrained(tiny_dir).save_pretrained(tmp_path / "saved")
+        convert(tiny_dir, tmp_path / "converted")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "saved" / "model.safetensors", tmp_path / "saved" / "config.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE((tmp_path / "converted" / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_lavis_file_gets_the_umask_mode(tmp_path: Path) -> None:
+    _lavis_compatible_stage1(tmp_path / "src")
+    old = os.umask(0o022)
+    try:
+        convert(tmp_path / "src", tmp_path / "m.pth", to="lavis")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.pth").stat().st_mode) == 0o644

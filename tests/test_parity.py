@@ -8,9 +8,11 @@ import pytest
 import torch
 from hf_reference import left_padded_ids, make_hf_generation_model, make_hf_retrieval_model
 
-from blip2.checkpoints.core import lavis_to_ours, ours_to_lavis
-from blip2.config import from_name, tiny_config
+from blip2.checkpoints import init_qformer_from_bert
+from blip2.checkpoints.lavis import lavis_to_ours, ours_to_lavis
+from blip2.config import Blip2Config, from_name, tiny_config
 from blip2.model import Blip2, Blip2QFormer
+from blip2.testing import zero_key_bias
 
 COMBOS = [(4, 2), (6, 1), (3, 3)]  # (num_query_tokens, cross_attention_frequency)
 
@@ -107,20 +109,11 @@ def test_retrieval_parity(tmp_path: Path, pixels: torch.Tensor, num_queries: int
     torch.testing.assert_close(got_itc, ref_itc.logits_per_image, atol=1e-4, rtol=0)
 
 
-def _zero_key_bias(model: torch.nn.Module) -> None:
-    """EVA's attention has q and v biases only; LAVIS stores them so (the k part must be zero)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("self_attn.qkv.bias"):
-                d = p.shape[0] // 3
-                p[d : 2 * d] = 0
-
-
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_lavis_state_dict_round_trip(tmp_path: Path, pixels: torch.Tensor, llm: str) -> None:
     cfg = tiny_config(llm)
     hf = make_hf_generation_model(cfg, tmp_path / "hf")
-    _zero_key_bias(hf)
+    zero_key_bias(hf)
     hf.save_pretrained(tmp_path / "hf")
     from_hf = Blip2.from_pretrained(tmp_path / "hf").eval()
     lavis = ours_to_lavis(from_hf.state_dict(), llm_prefix=llm)
@@ -128,6 +121,10 @@ def test_lavis_state_dict_round_trip(tmp_path: Path, pixels: torch.Tensor, llm: 
     assert any(k.endswith("attn.q_bias") for k in lavis) and f"{llm}_proj.weight" in lavis
     torch.save(lavis, tmp_path / "lavis.pth")
     from_lavis = Blip2.from_pretrained(tmp_path / "lavis.pth", config=from_hf.config).eval()
+    # ln_vision keeps the eps of the checkpoint's origin: LAVIS's nn.LayerNorm default, the port's 1e-6
+    assert (from_lavis.ln_vision.eps, from_hf.ln_vision.eps) == (1e-5, 1e-6)
+    assert from_lavis.config.vision.ln_vision_eps == 1e-5 and from_hf.config.vision.ln_vision_eps is None
+    from_lavis.ln_vision.eps = from_hf.ln_vision.eps  # the weights are the same: so are the logits
     ids, mask = left_padded_ids(cfg.num_query_tokens, cfg.llm.image_token_index)
     kwargs = {"decoder_input_ids": ids[:, :4]} if llm == "t5" else {}
     with torch.no_grad():
@@ -140,7 +137,7 @@ def test_lavis_state_dict_round_trip(tmp_path: Path, pixels: torch.Tensor, llm: 
 def test_lavis_stage1_round_trip(tmp_path: Path, pixels: torch.Tensor) -> None:
     cfg = tiny_config(None)
     model = Blip2QFormer(cfg).eval()
-    _zero_key_bias(model)
+    zero_key_bias(model)
     lavis = ours_to_lavis(model.state_dict())
     assert "Qformer.cls.predictions.decoder.weight" in lavis and "temp" in lavis and "vision_proj.weight" in lavis
     torch.save(lavis, tmp_path / "stage1.pth")
@@ -166,15 +163,11 @@ def test_unknown_preset_names_the_choices() -> None:
         from_name("blip2-opt-99b")
 
 
-def test_qformer_from_bert_text_side_equals_bert() -> None:
-    """A Q-Former initialised from BERT computes BERT's function on text (token type 0 folded in)."""
+def _tiny_bert(cfg: Blip2Config) -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
-    from blip2.checkpoints.core import init_qformer_from_bert
-
-    cfg = tiny_config(None)
     q = cfg.qformer
-    bert = BertModel(
+    return BertModel(
         BertConfig(
             vocab_size=q.vocab_size - 1,
             hidden_size=q.hidden_size,
@@ -185,6 +178,26 @@ def test_qformer_from_bert_text_side_equals_bert() -> None:
         ),
         add_pooling_layer=False,
     ).eval()
+
+
+def test_qformer_from_bert_drops_token_types_as_lavis() -> None:
+    """LAVIS's Q-Former embeddings have no token types: BERT's position rows are copied as they are."""
+    cfg = tiny_config(None)
+    bert = _tiny_bert(cfg)
+    assert bert.embeddings.token_type_embeddings.weight.abs().sum() > 0
+    model = Blip2QFormer(cfg)
+    init_qformer_from_bert(model.qformer, bert.state_dict())
+    got = model.qformer.embeddings.position_embeddings.weight
+    assert torch.equal(got, bert.embeddings.position_embeddings.weight)
+
+
+def test_qformer_from_bert_text_side_equals_bert() -> None:
+    """A Q-Former initialised from BERT computes BERT's function on text (BERT's token types set to zero,
+    since the Q-Former, as LAVIS's, has none)."""
+    cfg = tiny_config(None)
+    bert = _tiny_bert(cfg)
+    with torch.no_grad():
+        bert.embeddings.token_type_embeddings.weight.zero_()
     model = Blip2QFormer(cfg).eval()
     not_from_bert = init_qformer_from_bert(model.qformer, bert.state_dict())
     assert all(".cross_attn." in k or k.startswith("lm_head.") for k in not_from_bert), not_from_bert

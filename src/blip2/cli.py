@@ -2,7 +2,7 @@
 
     blip2 caption IMG... [--model M] [--prompt P] [--json]
     blip2 ask IMG QUESTION... [--model M] [--json]
-    blip2 convert SRC DST [--to lavis|blip2] [--config PRESET]
+    blip2 convert SRC DST [--to lavis|blip2] [--config PRESET|config.json] [--vision-weights eva_vit_g.pth]
     blip2 train --config configs/x.yaml [key=value ...]
     blip2 demo [--output DIR]
     blip2 eval --model M ...
@@ -57,9 +57,16 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from blip2.checkpoints.core import convert
+    from blip2.checkpoints import convert
 
-    out = convert(args.source, args.destination, to=args.to, preset=args.config, llm_prefix=args.llm_prefix)
+    out = convert(
+        args.source,
+        args.destination,
+        to=args.to,
+        preset=args.config,
+        llm_prefix=args.llm_prefix,
+        vision_weights=args.vision_weights,
+    )
     _print({"written": str(out)}, args.json, [f"wrote {out}"])
 
 
@@ -226,8 +233,14 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--to", choices=["blip2", "lavis"], default="blip2")
-    p.add_argument("--config", default=None, help="preset name for LAVIS files, which carry no config")
-    p.add_argument("--llm-prefix", choices=["opt", "t5"], default="opt")
+    p.add_argument("--config", default=None, help="preset name or config.json for LAVIS files, which carry no config")
+    p.add_argument("--llm-prefix", choices=["opt", "t5", "llm"], default=None, help="default: from the LLM's type")
+    p.add_argument(
+        "--vision-weights",
+        default=None,
+        metavar="FILE",
+        help="LAVIS's eva_vit_g.pth, for LAVIS files without the frozen image encoder (the official ones)",
+    )
     _common(p, model=False)
 
 

@@ -56,6 +56,9 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     hidden_size: int = 1408  # width of the features the Q-Former cross-attends to
+    # eps of ln_vision, the LayerNorm after the encoder. None: the encoder's layer_norm_eps (transformers' port,
+    # 1e-6); LAVIS checkpoints use nn.LayerNorm's default 1e-5 (set when one is loaded).
+    ln_vision_eps: float | None = None
 
 
 @dataclass

@@ -76,6 +76,7 @@ class _ImageQueryModel(nn.Module):
             )
         self.vision_model = build_vision_encoder(vcfg, pretrained=pretrained_vision)
         eps = float(vcfg.hf_config.get("layer_norm_eps", 1e-5)) if vcfg.kind == "blip2" else 1e-5
+        eps = vcfg.ln_vision_eps if vcfg.ln_vision_eps is not None else eps
         self.ln_vision = nn.LayerNorm(vcfg.hidden_size, eps=eps)
         q = config.qformer
         self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_tokens, q.hidden_size))
@@ -121,15 +122,16 @@ class _ImageQueryModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    # Loading and saving live in blip2.checkpoints.core; these are the entry points.
+    # Loading and saving live in blip2.checkpoints (loading: every source format; ours: this project's
+    # directory format); these are the entry points.
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> Any:
-        from blip2.checkpoints.core import load_model
+        from blip2.checkpoints.loading import load_model
 
         return load_model(cls, path_or_id, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from blip2.checkpoints.core import save_model
+        from blip2.checkpoints.ours import save_model
 
         save_model(self, directory)
 

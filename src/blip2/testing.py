@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from blip2.config import tiny_config
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 WORDS = (
     "a an the of and to in on with is are there what how many color shape where left right top bottom center "
@@ -68,6 +70,17 @@ def make_tiny_model(directory: str | Path | None = None, llm: str | None = "opt"
     model.eval()
     if directory is not None:
         model.save_pretrained(directory)
+    return model
+
+
+def zero_key_bias(model: ModelT) -> ModelT:
+    """Zero the key part of each ViT qkv bias: EVA (LAVIS) has query and value biases only, so only such a
+    model can be written in LAVIS's format."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("self_attn.qkv.bias"):
+                d = p.shape[0] // 3  # (3D,) = query, key, value
+                p[d : 2 * d] = 0
     return model
 
 

@@ -178,7 +178,7 @@ def load_llm_tokenizer(settings: DemoSettings, config: Blip2Config) -> Any:
 
 def build_stage1_model(settings: DemoSettings, vit_state: dict[str, torch.Tensor]) -> Blip2QFormer:
     """The stage-1 model: the demo's frozen ViT (given weights), a Q-Former from MiniLM (or tiny, random)."""
-    from blip2.checkpoints.core import init_qformer_from_bert
+    from blip2.checkpoints import init_qformer_from_bert
     from blip2.demo.settings import demo_config
 
     config = demo_config(settings, with_llm=False)

@@ -67,7 +67,7 @@ def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
         model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=bool(section.get("pretrained_vision")))
         init = section.get("qformer_init", "none")
         if init and init != "none":
-            from blip2.checkpoints.core import init_qformer_from_bert
+            from blip2.checkpoints import init_qformer_from_bert
             from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer, minilm_path
 
             path = minilm_path() if init == "minilm" else init
