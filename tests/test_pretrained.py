@@ -353,3 +353,56 @@ def test_gemma_preset_matches_the_converted_config(tmp_path: Path) -> None:
         if key == "rope_parameters" and key not in converted:
             continue
         assert converted.get(key) == value, key
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers' Mistral-regex warning on saved large-vocabulary tokenizers (a false alarm for our folders)
+
+
+def _large_vocab_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2} | {f"w{i}": i + 3 for i in range(100_500)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]")
+
+
+def test_a_saved_large_vocabulary_tokenizer_loads_without_the_mistral_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from blip2.model import Blip2
+    from blip2.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", llm="opt")
+    model.tokenizer = _large_vocab_tokenizer()
+    model.save_pretrained(tmp_path / "saved")
+    capfd.readouterr()
+    loaded = Blip2.from_pretrained(tmp_path / "saved")
+    assert "incorrect regex pattern" not in capfd.readouterr().err
+    text = "w1 w100499 w7"
+    assert loaded.tokenizer(text)["input_ids"] == model.tokenizer(text)["input_ids"]
+
+
+@pytest.mark.slow
+def test_saved_gemma_tokenizer_gives_the_llm_tokenizer_ids(tmp_path: Path) -> None:
+    """Saved in a BLIP-2 folder and loaded back, Gemma's tokenizer gives the ids of Gemma's own folder's
+    tokenizer on scene captions, questions and odd strings (so the warning above was a false alarm)."""
+    from transformers import AutoTokenizer
+
+    from blip2.data.scenes import make_split
+    from blip2.model import Blip2
+    from blip2.testing import make_tiny_model
+
+    reference = AutoTokenizer.from_pretrained(str(pretrained.gemma3_270m_dir()))
+    model = make_tiny_model(tmp_path / "tiny", llm="opt")
+    model.tokenizer = reference
+    model.save_pretrained(tmp_path / "saved")
+    loaded = Blip2.from_pretrained(tmp_path / "saved").tokenizer
+    examples = make_split("train", 40, seed=3)
+    texts = [c for e in examples for c in e.captions] + [q.question for e in examples for q in e.questions]
+    texts += ["  odd   spacing\tand\nnewlines ", "Ünïcödé — “quotes” 123,456.78", "emoji 🙂 and CJK 漢字", ""]
+    assert len(texts) >= 200
+    for text in texts:
+        assert loaded(text)["input_ids"] == reference(text)["input_ids"], text

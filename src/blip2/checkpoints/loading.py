@@ -117,7 +117,11 @@ def load_any(path_or_id: str | os.PathLike[str], config: Blip2Config | None = No
                 raw.get("text_config")
             )
     else:
-        raise CheckpointError(f"'{path_or_id}' is a bare weights file: pass a config (a preset name)")
+        raise CheckpointError(
+            f"'{path_or_id}' is a single file, not a model directory: give a directory written by save_pretrained "
+            "or `blip2 convert`, a transformers BLIP-2 directory or a hub id (convert a LAVIS .pth first: "
+            "blip2 convert FILE OUT_DIR --config PRESET)"
+        )
     return (Blip2 if has_llm else Blip2QFormer).from_pretrained(path, config=config, **kwargs)
 
 

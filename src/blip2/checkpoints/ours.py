@@ -67,7 +67,7 @@ def load_tokenizer(directory: Path | None, model: Any) -> Any:
 
     if directory is not None and any((directory / n).exists() for n in TOKENIZER_FILES):
         try:
-            return AutoTokenizer.from_pretrained(directory)
+            return AutoTokenizer.from_pretrained(directory, **_mistral_regex_kwargs(model))
         except Exception as exc:  # noqa: BLE001 - tokenizers fail with many types; name the file either way
             raise CheckpointError(_tokenizer_problem(directory, exc)) from exc
     llm = model.config.llm
@@ -77,6 +77,31 @@ def load_tokenizer(directory: Path | None, model: Any) -> Any:
         except Exception:  # noqa: BLE001 - no tokenizer is not fatal for tensor-level use
             return None
     return None
+
+
+# The tokenizer families transformers' Mistral pre-tokenizer fix is meant for (its `_patch_mistral_regex`).
+_MISTRAL_TYPES = frozenset({"mistral", "mistral3", "voxtral", "ministral", "pixtral"})
+
+
+def _mistral_regex_kwargs(model: Any) -> dict[str, bool]:
+    """Tell transformers whether the saved tokenizer is a Mistral one.
+
+    Recent transformers check any tokenizer with a vocabulary over 100k loaded from a local folder: when the
+    folder's config.json has no ``model_type`` it assumes an old Mistral save and warns "... incorrect regex
+    pattern ... will lead to incorrect tokenization". Our config.json describes the whole BLIP-2, so every
+    stage-2 model with a large-vocabulary LLM (Gemma: 262k) got that warning. It is a false alarm: the saved
+    tokenizer is the LLM's own, and its ids equal those of the tokenizer loaded from the LLM's folder
+    (`tests/test_pretrained.py::test_saved_gemma_tokenizer_gives_the_llm_tokenizer_ids`). Applying the "fix"
+    would swap Gemma's pre-tokenizer for Mistral's, so we say from the LLM's type which case it is.
+    """
+    import transformers
+
+    backends = [getattr(transformers, name, None) for name in ("TokenizersBackend", "PreTrainedTokenizerFast")]
+    if not any(hasattr(backend, "_patch_mistral_regex") for backend in backends):
+        return {}  # an older transformers without the check
+    llm = model.config.llm
+    model_type = llm.hf_config.get("model_type") if llm is not None else None
+    return {"fix_mistral_regex": model_type in _MISTRAL_TYPES}
 
 
 def _tokenizer_problem(directory: Path, exc: Exception) -> str:
