@@ -7,6 +7,7 @@ model:
   stage: 1 | 2
   preset: a name from blip2.config.PRESETS (architecture)
   qformer_init: minilm | <BERT directory or hub id> | none    # stage 1: the Q-Former starts from BERT
+  itc_gather_grad: false | true      # stage 1: ITC gathers the other side with gradient (false: as LAVIS)
   init_from: <stage-1 checkpoint directory>                    # stage 2: the Q-Former trained in stage 1
   pretrained_vision: false | true                              # load the encoder's weights (model_id)
   pretrained_llm: true | false                                 # load the LLM's weights (llm.model_id)
@@ -63,6 +64,7 @@ def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
         config.llm = None
         config.qformer.use_text = True
         model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=bool(section.get("pretrained_vision")))
+        model.itc_gather_grad = bool(section.get("itc_gather_grad", False))
         init = section.get("qformer_init", "none")
         if init and init != "none":
             from blip2.checkpoints.core import init_qformer_from_bert
