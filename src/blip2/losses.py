@@ -192,4 +192,5 @@ def lm_loss(
     """Shifted next-token cross-entropy (ITG uses label smoothing 0.1, as the reference does)."""
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shifted.float(), targets, ignore_index=-100, label_smoothing=label_smoothing)
+    shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # at least float32 (bf16 logits)
+    return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)
