@@ -17,6 +17,8 @@ data:
   annotations: <file>  images: <image root>  urls: [<shards>]  n: <scenes count>  seed: 0
   augment: false | true           # random resized crop + flip (no feature cache when on)
   feature_cache: <dir> | null     # stage 1/2: train from cached frozen features
+  clean_captions: false | true    # LAVIS's caption cleaning (blip2.data.text; on in the paper recipes)
+  max_words: 50                   # with clean_captions: captions cut to this many words
   max_length: 32
   prompt: ""                      # stage 2 decoder-only: text before the caption (not in the loss)
 """
@@ -190,16 +192,26 @@ def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_
     elif kind == "webdataset":
         if section.get("feature_cache"):
             raise ValueError("the feature cache needs a map-style dataset; webdataset shards stream")
-        return WebDatasetShards(
+        shards = WebDatasetShards(
             section["urls"], transform=transform, shuffle_buffer=int(section.get("shuffle", 1000)), seed=seed
-        ), {}
+        )
+        return _cleaned(shards, section), {}
     else:
         raise ValueError(f"unknown data.kind {kind!r}; expected jsonl, csv, coco, webdataset or scenes")
     if section.get("feature_cache"):
         if augment:
             raise ValueError("data.feature_cache needs data.augment=false: cached features cannot be augmented")
         dataset = cached(dataset, model, Path(section["feature_cache"]))
-    return dataset, {}
+    return _cleaned(dataset, section), {}
+
+
+def _cleaned(dataset: Any, section: Mapping[str, Any]) -> Any:
+    """The dataset with LAVIS's caption cleaning applied when the recipe asks for it (``clean_captions``)."""
+    if not section.get("clean_captions", False):
+        return dataset
+    from blip2.data.text import MAX_WORDS, clean_captions
+
+    return clean_captions(dataset, max_words=int(section.get("max_words", MAX_WORDS)))
 
 
 def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
