@@ -22,7 +22,7 @@ from blip2 import losses
 from blip2.config import VQA_PROMPT, Blip2Config
 from blip2.inference.fast import expansion_factor, prefix_cached_generate
 from blip2.layers import KVCache
-from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
+from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt, use_stop_token
 from blip2.qformer import (
     ImageInput,
     QFormer,
@@ -374,6 +374,7 @@ class Blip2(_ImageQueryModel):
             raise ValueError("Blip2 needs an LLM config (Blip2Config.llm); use Blip2QFormer for stage 1")
         super().__init__(config, pretrained_vision=pretrained_vision)
         self.language_model = build_language_model(config.llm, pretrained=pretrained_llm)
+        use_stop_token(self.language_model, config.llm)  # generation stops where training targets end
         llm_width = self.language_model.get_input_embeddings().weight.shape[1]
         self.language_projection = nn.Linear(config.qformer.hidden_size, llm_width)
         _init_weights(self.language_projection)

@@ -37,6 +37,7 @@ from torch import nn
 from blip2.config import Blip2Config, from_name
 from blip2.data.collate import ImageTextCollator
 from blip2.data.transforms import ImageProcessor, TrainTransform
+from blip2.llm import stop_text
 from blip2.model import Blip2, Blip2QFormer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,11 +248,12 @@ class Stage1Collate:
 
 
 class DecoderCollate:
-    """Stage 2, decoder-only LLM: ``prompt + caption + EOS``; labels on the caption and EOS only."""
+    """Stage 2, decoder-only LLM: ``prompt + caption + stop``; labels on the caption and the stop token only.
+    ``stop_text``: the text of the token generation stops on (`blip2.llm.stop_text`; None: the tokenizer's EOS)."""
 
-    def __init__(self, tokenizer: Any, max_length: int = 32, prompt: str = "") -> None:
+    def __init__(self, tokenizer: Any, max_length: int = 32, prompt: str = "", stop_text: str | None = None) -> None:
         self.inner = ImageTextCollator(
-            tokenizer, max_length=max_length, prompt=prompt, append_eos=True, padding_side="right"
+            tokenizer, max_length=max_length, prompt=prompt, append_eos=True, padding_side="right", eos_text=stop_text
         )
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
@@ -305,7 +307,8 @@ def build_collate(section: Mapping[str, Any], model: Blip2 | Blip2QFormer) -> Ca
         return Stage1Collate(model.tokenizer, max_length)
     if model.is_encoder_decoder:
         return PrefixLMCollate(model.tokenizer, max_length, seed=int(section.get("seed", 0)))
-    return DecoderCollate(model.tokenizer, max_length, prompt=str(section.get("prompt", "")))
+    stop = stop_text(model.config.llm, model.tokenizer)  # the token generation stops on ends every target
+    return DecoderCollate(model.tokenizer, max_length, prompt=str(section.get("prompt", "")), stop_text=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------
