@@ -385,3 +385,10 @@ def test_training_on_half_unreadable_images_skips_itm_and_resumes(tmp_path) -> N
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["itm_skipped"] == 1.0 and r["loss_itm"] == 0.0 for r in rows), rows
+
+
+def test_recipe_sets_the_itc_gather_mode() -> None:
+    from blip2.train.recipes import build_model
+
+    assert build_model({"stage": 1, "preset": "tiny-stage1"}).itc_gather_grad is False  # LAVIS's behaviour
+    assert build_model({"stage": 1, "preset": "tiny-stage1", "itc_gather_grad": True}).itc_gather_grad is True
