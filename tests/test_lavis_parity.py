@@ -1,5 +1,8 @@
-"""Gradient-level parity with the authors' code: one stage-1 step (ITC + ITM + ITG) from the same weights and
-the same batch gives the same gradient for every trainable parameter as LAVIS's ``Blip2Qformer``.
+"""Parity with the authors' code (LAVIS), run in LAVIS's own interpreter:
+
+- gradients: one stage-1 step (ITC + ITM + ITG) from the same weights and the same batch gives the same
+  gradient for every trainable parameter as LAVIS's ``Blip2Qformer``;
+- data: caption / question cleaning gives LAVIS's ``BlipCaptionProcessor`` / ``BlipQuestionProcessor`` output.
 
 LAVIS runs in its own interpreter (transformers 4.33; tests/helpers_lavis_step.py), found through
 ``BLIP2_LAVIS_PYTHON`` (default /work/lavis_env/bin/python) with LAVIS's source tree (the folder holding
@@ -154,3 +157,26 @@ def test_one_stage1_step_gives_lavis_gradients(tmp_path: Path, monkeypatch: pyte
     report = ", ".join(f"{k}: {v:.1e}" for k, v in sorted(worst.items()))
     print(f"\nmax relative gradient difference vs LAVIS per group: {report}; LAVIS losses {lavis['losses']}")
     assert max(worst.values()) < TOLERANCE, report
+
+
+def test_caption_cleaning_matches_lavis(tmp_path: Path) -> None:
+    """`clean_caption` / `clean_question` against LAVIS's BlipCaptionProcessor / BlipQuestionProcessor on random
+    strings of letters, the cleaned punctuation, other punctuation and whitespace runs, and long captions."""
+    import json
+    import random
+
+    from blip2.data.text import clean_caption, clean_question
+
+    rng = random.Random(0)
+    alphabet = list("abcXYZ .!\"()*#:;~,'?-/\t\n\\") + ["  ", " \n", "word ", "Ünï "]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    texts += [" ".join(["w"] * n) for n in (49, 50, 51, 120)] + ["A  B." * 40, "\n\n a b \n", "", "..."]
+    (tmp_path / "in.json").write_text(json.dumps(texts))
+    script = Path(__file__).with_name("helpers_lavis_text.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    args = [str(LAVIS_PYTHON), str(script), str(LAVIS_SRC), str(tmp_path / "in.json"), str(tmp_path / "out.json")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lavis = json.loads((tmp_path / "out.json").read_text())
+    assert [clean_caption(t) for t in texts] == lavis["caption"]
+    assert [clean_question(t) for t in texts] == lavis["question"]

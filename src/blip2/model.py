@@ -253,7 +253,11 @@ class Blip2QFormer(_ImageQueryModel):
         generator: torch.Generator | None = None,
         **_: Any,
     ) -> Blip2Output:
-        """All three stage-1 losses on one batch: ITC + ITM + ITG."""
+        """All three stage-1 losses on one batch: ITC + ITM + ITG.
+
+        ``losses`` also holds ``itm_skipped``: 1 when the global batch held a single sample (the others were
+        unreadable), so ITM had no negative and was left out of this step, else 0.
+        """
         image_embeds = self.encode_image(pixel_values, image_features)  # (B, P, Dv)
         b = image_embeds.shape[0]
         q = self.query_tokens.shape[1]
