@@ -1,9 +1,10 @@
-"""torchrun script: ITC loss gradients with features gathered across 2 gloo ranks (with gradient).
+"""torchrun script: ITC loss gradients with features gathered across 2 gloo ranks.
 
 Each rank takes its part of a fixed global batch of 8, computes the ITC loss against the gathered features,
 backpropagates and averages gradients over ranks (what DDP does); rank 0 saves them. Two splits: even (4 + 4)
 and uneven (3 + 5, as when one rank's collator dropped unreadable images); for the uneven one each rank
-weights its mean loss by its share of the global batch, so both must equal the 1-process gradients.
+weights its mean loss by its share of the global batch, so both must equal the 1-process gradients. Both
+gather modes: without gradient (``nograd``, the authors' code) and with it (``grad``).
 Then a full stage-1 step (ITC + ITM hard negatives + ITG) on the uneven split must run and give finite losses.
 usage: torchrun --nproc_per_node 2 helpers_ddp_itc.py OUT.pt
 """
@@ -28,20 +29,21 @@ def main() -> None:
     ids = torch.randint(5, 90, (8, 6), generator=g)
     ids[:, 0] = 1
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for split, bounds in {"even": (0, 4, 8), "uneven": (0, 3, 8)}.items():
+    splits = {"even": (0, 4, 8), "uneven": (0, 3, 8)}
+    for (split, bounds), gather_grad in [(item, mode) for item in splits.items() for mode in (False, True)]:
         model = make_tiny_model(None, llm=None, seed=0).eval()  # no dropout: the comparison is exact
         part = slice(bounds[rank], bounds[rank + 1])
         share = (part.stop - part.start) * world / 8
         feats, _, _ = model.image_embeddings(model.encode_image(pixels[part]))
         text = model.text_embeddings(ids[part], torch.ones_like(ids[part]))
-        loss, _, _ = losses.itc_loss(feats, text, model.temp)
+        loss, _, _ = losses.itc_loss(feats, text, model.temp, gather_grad=gather_grad)
         (loss * share).backward()
         grads = {}
         for name, p in model.named_parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 grads[name] = p.grad / world
-        out[split] = grads
+        out[f"{split}-{'grad' if gather_grad else 'nograd'}"] = grads
 
     model = make_tiny_model(None, llm=None, seed=0).train()
     part = slice((0, 3, 8)[rank], (0, 3, 8)[rank + 1])

@@ -113,6 +113,43 @@ def test_itc_max_over_queries_matches_direct_computation() -> None:
     torch.testing.assert_close(sim_t2i, direct.t())
 
 
+def _itc_term_grads(gather_grad: bool, term: int) -> dict[str, bool]:
+    """Which projection each ITC term's gradient reaches: {"vision": .., "text": .., "temp": ..}."""
+    model = _model()
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
+    feats, _, _ = model.image_embeddings(torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(0)))
+    text = model.text_embeddings(ids, (ids != 0).long())
+    _, sim_i2t, sim_t2i = losses.itc_loss(feats, text, model.temp, gather_grad=gather_grad)
+    torch.nn.functional.cross_entropy((sim_i2t, sim_t2i)[term], torch.arange(3)).backward()
+    grads = {"vision": model.vision_projection.weight, "text": model.text_projection.weight, "temp": model.temp}
+    return {k: p.grad is not None and bool(p.grad.abs().max() > 0) for k, p in grads.items()}
+
+
+def test_itc_each_term_trains_one_tower_as_the_authors_code() -> None:
+    """LAVIS gathers the other side's features without gradient (its own rank's rows too), so the image->text
+    term trains the image side only and the text->image term the text side only; both train ``temp``."""
+    assert _itc_term_grads(gather_grad=False, term=0) == {"vision": True, "text": False, "temp": True}
+    assert _itc_term_grads(gather_grad=False, term=1) == {"vision": False, "text": True, "temp": True}
+    # the other behaviour, one setting away: both terms reach both towers
+    assert _itc_term_grads(gather_grad=True, term=0) == {"vision": True, "text": True, "temp": True}
+    assert _itc_term_grads(gather_grad=True, term=1) == {"vision": True, "text": True, "temp": True}
+
+
+def test_stage1_forward_follows_the_itc_gather_setting() -> None:
+    """The model's ``itc_gather_grad`` (default False, as LAVIS) reaches the loss: the ITC gradients differ."""
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
+    grads = []
+    for gather_grad in (False, True):
+        model = _model()
+        assert model.itc_gather_grad is False
+        model.itc_gather_grad = gather_grad
+        feats = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(0))
+        out = model(input_ids=ids, attention_mask=(ids != 0).long(), image_features=feats)
+        out.losses["loss_itc"].backward()
+        grads.append(model.text_projection.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
 def test_itc_loss_is_symmetric_cross_entropy_with_smoothing() -> None:
     g = torch.Generator().manual_seed(1)
     image = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
@@ -158,11 +195,26 @@ def test_stage1_forward_gives_three_losses_and_gradients() -> None:
     ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]])
     mask = (ids != 0).long()
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    assert set(out.losses) == {"loss_itc", "loss_itm", "loss_lm"}
+    assert set(out.losses) == {"loss_itc", "loss_itm", "loss_lm", "itm_skipped"}
+    assert float(out.losses["itm_skipped"]) == 0.0
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.query_tokens.grad is not None and model.itm_head.weight.grad is not None
     assert all(p.grad is None for p in model.vision_model.parameters())  # frozen
+
+
+def test_one_sample_batch_skips_itm_and_counts_it() -> None:
+    """A (global) batch left with one readable sample has no negative to mine: ITM is skipped (0, no gradient,
+    ``itm_skipped`` = 1) and ITC and ITG still train."""
+    model = _model().train()
+    ids = torch.tensor([[1, 5, 6, 2]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32))
+    assert float(out.losses["itm_skipped"]) == 1.0 and float(out.losses["loss_itm"]) == 0.0
+    assert not out.losses["loss_itm"].requires_grad
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.itm_head.weight.grad is None
+    assert model.query_tokens.grad is not None and bool(model.query_tokens.grad.abs().max() > 0)
 
 
 def test_itg_with_cached_queries_equals_joint_pass() -> None:
@@ -209,9 +261,10 @@ def test_itg_generation_greedy_matches_stepwise_argmax() -> None:
 
 
 def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # noqa: ANN001
-    """ITC over a global batch split on 2 gloo ranks (features all-gathered with gradient, gradients averaged
-    as DDP does) gives the gradients of the 1-process loss on the whole batch (tolerance 1e-6), for an even
-    split and for an uneven one (one rank dropped samples); a full stage-1 step runs on the uneven split."""
+    """ITC over a global batch split on 2 gloo ranks (gradients averaged as DDP does) gives the gradients of
+    the 1-process loss on the whole batch (tolerance 1e-6), for an even split and for an uneven one (one rank
+    dropped samples), with the other side's features gathered without gradient (LAVIS) and with it; a full
+    stage-1 step runs on the uneven split."""
     import subprocess
     import sys
     from pathlib import Path
@@ -238,16 +291,19 @@ def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # 
     ids[:, 0] = 1
     from blip2.testing import make_tiny_model
 
-    model = make_tiny_model(None, llm=None, seed=0).eval()
-    feats, _, _ = model.image_embeddings(model.encode_image(pixels))
-    loss, _, _ = losses.itc_loss(feats, model.text_embeddings(ids, torch.ones_like(ids)), model.temp)
-    loss.backward()
-    assert ddp.keys() == {"even", "uneven"}
-    for split, grads in ddp.items():
-        assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
-        for name, p in model.named_parameters():
-            if p.grad is not None:
-                torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=f"{split}: {name}")
+    assert ddp.keys() == {f"{split}-{mode}" for split in ("even", "uneven") for mode in ("grad", "nograd")}
+    for mode in ("grad", "nograd"):
+        model = make_tiny_model(None, llm=None, seed=0).eval()
+        feats, _, _ = model.image_embeddings(model.encode_image(pixels))
+        text = model.text_embeddings(ids, torch.ones_like(ids))
+        loss, _, _ = losses.itc_loss(feats, text, model.temp, gather_grad=mode == "grad")
+        loss.backward()
+        for split in ("even", "uneven"):
+            grads = ddp[f"{split}-{mode}"]
+            assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=f"{split}-{mode}: {name}")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
@@ -291,3 +347,48 @@ def test_shared_image_keys_values_equal_projecting_each_pass() -> None:
         model.itm_logits(both, ids.repeat(2, 1), mask.repeat(2, 1)),
         model.itm_logits(stacked, ids.repeat(2, 1), mask.repeat(2, 1)),
     )
+
+
+def test_training_on_half_unreadable_images_skips_itm_and_resumes(tmp_path) -> None:  # noqa: ANN001
+    """Batches of 2 where one image cannot be decoded: stage 1 trains (ITM skipped and logged every step) and
+    a resumed run gets past the same batches."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from blip2.testing import make_tiny_model
+    from blip2.train.loop import TrainConfig
+    from blip2.train.recipes import train
+
+    data = Path(tmp_path) / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(data / "good.png")
+    (data / "bad.png").write_bytes(b"not an image")
+    records = [{"image": "good.png", "caption": "a red square"}, {"image": "bad.png", "caption": "a blue circle"}]
+    (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = dict(
+        output_dir=str(tmp_path / "run"),
+        batch_size=2,
+        lr=1e-3,
+        warmup_steps=0,
+        save_every=1,
+        log_every=1,
+        num_workers=0,
+        precision="fp32",
+        device="cpu",
+        model={"stage": 1},
+        data={"kind": "jsonl", "annotations": str(data / "captions.jsonl"), "images": str(data)},
+    )
+    train(TrainConfig(max_steps=2, **cfg), make_tiny_model(None, llm=None))
+    train(TrainConfig(max_steps=3, resume=True, **cfg), make_tiny_model(None, llm=None))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["itm_skipped"] == 1.0 and r["loss_itm"] == 0.0 for r in rows), rows
+
+
+def test_recipe_sets_the_itc_gather_mode() -> None:
+    from blip2.train.recipes import build_model
+
+    assert build_model({"stage": 1, "preset": "tiny-stage1"}).itc_gather_grad is False  # LAVIS's behaviour
+    assert build_model({"stage": 1, "preset": "tiny-stage1", "itc_gather_grad": True}).itc_gather_grad is True

@@ -98,6 +98,10 @@ class LLMConfig:
     # Where the placeholders go in a prompt that starts with BOS: before it (False, as BLIP-2's OPT checkpoints)
     # or right after it (True: LLMs like Gemma treat BOS as the start of the document and ignore what precedes it).
     visual_prompt_after_bos: bool = False
+    # The one token that ends every stage-2 training target and on which generation stops (both read it, see
+    # blip2.llm.stop_token_id). None: hf_config's eos_token_id (the first if a list). BLIP-2's OPT models stop on
+    # "\n" (50118; LAVIS blip2_opt.py), not on the tokenizer's "</s>".
+    stop_token_id: int | None = None
 
     @property
     def hidden_size(self) -> int:

@@ -7,9 +7,16 @@ in one of two conventions:
   current hub configs); the prompt vectors replace those positions in order;
 - prepending: ``input_ids`` contain no placeholder; the prompt is put in front and the attention mask grows
   by Q ones.
+
+Stop token: one token ends every stage-2 training target and stops generation (`stop_token_id`, from
+``LLMConfig.stop_token_id`` or the LLM config's EOS). `Blip2` writes it into the LLM's generation config when
+it is built (`use_stop_token`), and the decoder-only stage-2 collator appends its text (`stop_text`), so the
+two cannot disagree; e.g. BLIP-2's OPT models end captions with "\n", as LAVIS trains and generates them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +50,47 @@ def build_language_model(config: LLMConfig, pretrained: bool = False, dtype: tor
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def stop_token_id(config: LLMConfig) -> int:
+    """The token that ends stage-2 targets and stops generation: ``config.stop_token_id``, else the first EOS
+    of ``hf_config``."""
+    if config.stop_token_id is not None:
+        return int(config.stop_token_id)
+    eos = config.hf_config.get("eos_token_id")
+    if isinstance(eos, list | tuple):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError("the LLM config names no stop token: set LLMConfig.stop_token_id (or hf_config eos_token_id)")
+    return int(eos)
+
+
+def generation_stop_ids(config: LLMConfig) -> list[int]:
+    """The ids generation stops on: the stop token first, then any other EOS ``hf_config`` lists."""
+    eos = config.hf_config.get("eos_token_id")
+    others = list(eos) if isinstance(eos, list | tuple) else ([] if eos is None else [eos])
+    return list(dict.fromkeys([stop_token_id(config), *(int(i) for i in others)]))
+
+
+def use_stop_token(language_model: nn.Module, config: LLMConfig) -> None:
+    """Make the LLM's ``generate`` stop on the stop token, whatever its own (e.g. pretrained) config says."""
+    ids = generation_stop_ids(config)
+    generation_config = getattr(language_model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
+def stop_text(config: LLMConfig, tokenizer: Any) -> str:
+    """The text a decoder-only stage-2 target ends with: the stop token's text, checked to tokenise back to
+    exactly that token (so the loss is taken on the token generation stops on)."""
+    token = stop_token_id(config)
+    text = tokenizer.decode([token])
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != [token]:
+        raise ValueError(
+            f"the LLM's stop token {token} ({text!r}) does not tokenise back to itself with this tokenizer; "
+            "set LLMConfig.stop_token_id to a token that does (e.g. the tokenizer's eos_token_id)"
+        )
+    return text
 
 
 def splice_visual_prompt(

@@ -78,6 +78,8 @@ def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tor
 
 @torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, outside autograd. On one process ``x`` itself comes
+    back (still attached to its graph): ``.detach()`` it where no gradient may flow."""
     _, size = world()
     if size == 1:
         return x
@@ -116,18 +118,32 @@ def itc_loss(
     temp: torch.Tensor,  # scalar
     label_smoothing: float = 0.1,
     sizes: list[int] | None = None,
+    gather_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric contrastive loss over the global batch (features gathered from all ranks with gradient).
+    """Symmetric contrastive loss of this rank's samples against the global batch.
 
-    ``sizes``: every rank's batch size (`batch_sizes`; gathered here if not given).
+    Which tower each term trains (``gather_grad``):
+
+    - ``False`` (the authors' code, LAVIS ``concat_all_gather``): the *other* side's features are gathered
+      without gradient, this rank's own rows included, so the image->text term trains only the image side
+      and the text->image term only the text side (both train ``temp``). LAVIS always runs distributed, so
+      this holds on one GPU too; here it holds on one process as well.
+    - ``True``: gathered with gradient (`all_gather_with_grad`), so both terms reach both towers.
+
+    The paper does not say which; the default follows the released code. ``sizes``: every rank's batch size
+    (`batch_sizes`; gathered here if not given).
     Returns (loss, sim_i2t (B, B_global), sim_t2i (B, B_global)), the similarities already divided by
     the temperature (ITM samples its hard negatives from them).
     """
     b = image_feats.shape[0]
     sizes = sizes if sizes is not None else batch_sizes(b, image_feats.device)
     start = rank_offset(sizes)
-    image_all = all_gather_with_grad(image_feats, sizes)  # (Bg, Q, E)
-    text_all = all_gather_with_grad(text_feats, sizes)  # (Bg, E)
+    if gather_grad:
+        image_all = all_gather_with_grad(image_feats, sizes)  # (Bg, Q, E)
+        text_all = all_gather_with_grad(text_feats, sizes)  # (Bg, E)
+    else:
+        image_all = all_gather_no_grad(image_feats, sizes).detach()  # (Bg, Q, E)
+        text_all = all_gather_no_grad(text_feats, sizes).detach()  # (Bg, E)
     sim_i2t = itc_similarities(image_feats, text_all)[0] / temp  # (B, Bg)
     sim_t2i = itc_similarities(image_all, text_feats)[1] / temp  # (B, Bg)
     targets = torch.arange(start, start + b, device=image_feats.device)
@@ -176,4 +192,5 @@ def lm_loss(
     """Shifted next-token cross-entropy (ITG uses label smoothing 0.1, as the reference does)."""
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shifted.float(), targets, ignore_index=-100, label_smoothing=label_smoothing)
+    shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # at least float32 (bf16 logits)
+    return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)

@@ -22,7 +22,7 @@ from blip2 import losses
 from blip2.config import VQA_PROMPT, Blip2Config
 from blip2.inference.fast import expansion_factor, prefix_cached_generate
 from blip2.layers import KVCache
-from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt
+from blip2.llm import build_language_model, decoder_lm_loss, splice_visual_prompt, use_stop_token
 from blip2.qformer import (
     ImageInput,
     QFormer,
@@ -148,6 +148,9 @@ class Blip2QFormer(_ImageQueryModel):
         self.text_projection = nn.Linear(q.hidden_size, q.embed_dim)
         self.itm_head = nn.Linear(q.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
+        # ITC: gather the other side's features with gradient (both terms train both towers) or without
+        # (the authors' code; each term trains one tower). See `blip2.losses.itc_loss`.
+        self.itc_gather_grad = False
         _init_weights(self.vision_projection)
         _init_weights(self.text_projection)
         _init_weights(self.itm_head)
@@ -252,7 +255,11 @@ class Blip2QFormer(_ImageQueryModel):
         generator: torch.Generator | None = None,
         **_: Any,
     ) -> Blip2Output:
-        """All three stage-1 losses on one batch: ITC + ITM + ITG."""
+        """All three stage-1 losses on one batch: ITC + ITM + ITG.
+
+        ``losses`` also holds ``itm_skipped``: 1 when the global batch held a single sample (the others were
+        unreadable), so ITM had no negative and was left out of this step, else 0.
+        """
         image_embeds = self.encode_image(pixel_values, image_features)  # (B, P, Dv)
         b = image_embeds.shape[0]
         q = self.query_tokens.shape[1]
@@ -264,23 +271,18 @@ class Blip2QFormer(_ImageQueryModel):
         image_feats, _, query_past = self.image_embeddings(image_kv)  # (B, Q, E)
         text_feats = self.text_embeddings(input_ids, attention_mask)  # (B, E)
         sizes = losses.batch_sizes(b, image_embeds.device)  # per rank: they differ when images were dropped
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp, sizes=sizes)
-
-        # ITM: one hard negative text per image and one hard negative image per text
-        start = losses.rank_offset(sizes)  # this rank's first row in the global batch
-        image_embeds_all = losses.all_gather_with_grad(image_embeds, sizes)  # (Bg, P, Dv)
-        ids_all = losses.all_gather_padded(input_ids, self.config.qformer.pad_token_id, sizes)  # (Bg, Tmax)
-        mask_all = losses.all_gather_padded(attention_mask, 0, sizes)
-        neg_image = losses.sample_hard_negatives(sim_t2i.detach(), offset=start, generator=generator)
-        neg_text = losses.sample_hard_negatives(sim_i2t.detach(), offset=start, generator=generator)
-        neg_kv = self.qformer.image_kv(image_embeds_all[neg_image])  # only the negatives need projecting
-        itm_images = cat_image_kv(image_kv, neg_kv, image_kv)  # images of [positives | neg image | neg text]
-        width = ids_all.shape[1]  # this rank's texts padded to the global width
-        own_ids = F.pad(input_ids, (0, width - input_ids.shape[1]), value=self.config.qformer.pad_token_id)
-        own_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)
-        itm_ids = torch.cat([own_ids, own_ids, ids_all[neg_text]])  # (3B, T)
-        itm_mask = torch.cat([own_mask, own_mask, mask_all[neg_text]])
-        loss_itm = losses.itm_loss(self.itm_logits(itm_images, itm_ids, itm_mask), b)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
+            image_feats, text_feats, self.temp, sizes=sizes, gather_grad=self.itc_gather_grad
+        )
+        if sum(sizes) > 1:
+            sims = (sim_i2t.detach(), sim_t2i.detach())
+            loss_itm = self._itm_loss(image_embeds, image_kv, input_ids, attention_mask, sims, sizes, generator)
+            itm_skipped = torch.zeros((), device=image_embeds.device)
+        else:
+            # One readable sample in the whole (global) batch: no negative to mine. Every rank sees the same
+            # global size, so all skip together; the loss part is 0 without gradient, and the count is logged.
+            loss_itm = torch.zeros((), device=image_embeds.device)
+            itm_skipped = torch.ones((), device=image_embeds.device)
 
         # ITG: [DEC] replaces [CLS]; text attends to the queries' keys/values and to earlier text
         dec_ids = input_ids.clone()
@@ -291,7 +293,36 @@ class Blip2QFormer(_ImageQueryModel):
         loss_lm = losses.lm_loss(self.qformer.lm_logits(text_hidden), labels, label_smoothing=0.1)
 
         loss = loss_itc + loss_itm + loss_lm
-        return Blip2Output(loss=loss, losses={"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm})
+        parts = {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm, "itm_skipped": itm_skipped}
+        return Blip2Output(loss=loss, losses=parts)
+
+    def _itm_loss(
+        self,
+        image_embeds: torch.Tensor,  # (B, P, Dv) this rank's
+        image_kv: ImageInput,  # their cross-attention keys/values
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        sims: tuple[torch.Tensor, torch.Tensor],  # ITC (sim_i2t, sim_t2i), each (B, Bg), detached
+        sizes: list[int],  # every rank's batch size
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """ITM with one hard negative text per image and one hard negative image per text (global batch)."""
+        b = image_embeds.shape[0]
+        pad = self.config.qformer.pad_token_id
+        start = losses.rank_offset(sizes)  # this rank's first row in the global batch
+        image_embeds_all = losses.all_gather_with_grad(image_embeds, sizes)  # (Bg, P, Dv)
+        ids_all = losses.all_gather_padded(input_ids, pad, sizes)  # (Bg, Tmax)
+        mask_all = losses.all_gather_padded(attention_mask, 0, sizes)
+        neg_image = losses.sample_hard_negatives(sims[1], offset=start, generator=generator)  # (B,)
+        neg_text = losses.sample_hard_negatives(sims[0], offset=start, generator=generator)  # (B,)
+        neg_kv = self.qformer.image_kv(image_embeds_all[neg_image])  # only the negatives need projecting
+        itm_images = cat_image_kv(image_kv, neg_kv, image_kv)  # images of [positives | neg image | neg text]
+        width = ids_all.shape[1]  # this rank's texts padded to the global width
+        own_ids = F.pad(input_ids, (0, width - input_ids.shape[1]), value=pad)
+        own_mask = F.pad(attention_mask, (0, width - attention_mask.shape[1]), value=0)
+        itm_ids = torch.cat([own_ids, own_ids, ids_all[neg_text]])  # (3B, T)
+        itm_mask = torch.cat([own_mask, own_mask, mask_all[neg_text]])
+        return losses.itm_loss(self.itm_logits(itm_images, itm_ids, itm_mask), b)
 
     # ---------------------------------------------------------------- ITG captioning
     @torch.no_grad()
@@ -349,6 +380,7 @@ class Blip2(_ImageQueryModel):
             raise ValueError("Blip2 needs an LLM config (Blip2Config.llm); use Blip2QFormer for stage 1")
         super().__init__(config, pretrained_vision=pretrained_vision)
         self.language_model = build_language_model(config.llm, pretrained=pretrained_llm)
+        use_stop_token(self.language_model, config.llm)  # generation stops where training targets end
         llm_width = self.language_model.get_input_embeddings().weight.shape[1]
         self.language_projection = nn.Linear(config.qformer.hidden_size, llm_width)
         _init_weights(self.language_projection)

@@ -11,8 +11,9 @@ Text layout of one sample, for a language-modelling loss on the target only::
 - ``prompt`` with ``{}`` is a template filled with the sample's text (e.g. ``"Question: {} Answer:"``); the
   target is ``target_separator + sample[target_key]`` when ``target_key`` is set (e.g. ``"answer"``), else
   nothing (an inference batch).
-- ``append_eos`` adds ``tokenizer.eos_token`` after the target, so a decoder LLM learns to stop. Truncation at
-  ``max_length`` can cut it off, as in the reference.
+- ``append_eos`` adds ``eos_text`` (default ``tokenizer.eos_token``) after the target, so a decoder LLM learns
+  to stop; stage 2 passes the text of the LLM's stop token (`blip2.llm.stop_text`), the one generation stops on.
+  Truncation at ``max_length`` can cut it off, as in the reference.
 
 ``target_mask`` (B, L) marks the tokens that belong to the target (and the appended EOS): the positions a
 stage-2 LM loss should score. It is computed from character offsets, so it needs a fast tokenizer; tokens
@@ -58,6 +59,7 @@ class ImageTextCollator:
         target_separator: str = " ",
         add_special_tokens: bool = True,
         keep_keys: Sequence[str] = (),
+        eos_text: str | None = None,
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -65,7 +67,7 @@ class ImageTextCollator:
             raise ValueError(
                 "the tokenizer has no pad token; set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)"
             )
-        if append_eos and tokenizer.eos_token is None:
+        if append_eos and eos_text is None and tokenizer.eos_token is None:
             raise ValueError("append_eos=True but the tokenizer has no eos_token")
         if padding_side not in (None, "left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -76,6 +78,7 @@ class ImageTextCollator:
         self.image_transform = image_transform
         self.prompt = prompt
         self.append_eos = append_eos
+        self.eos_text = eos_text if eos_text is not None else tokenizer.eos_token
         self.padding_side = padding_side or tokenizer.padding_side
         self.target_key = target_key
         self.target_separator = target_separator
@@ -91,7 +94,7 @@ class ImageTextCollator:
             prompt = self.prompt.format(text)
             target = self.target_separator + target_value if target_value is not None else ""
         if self.append_eos:
-            target += self.tokenizer.eos_token
+            target += self.eos_text
         return prompt, target
 
     def __call__(self, samples: Sequence[Mapping[str, Any] | SkippedSample | None]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ model:
   stage: 1 | 2
   preset: a name from blip2.config.PRESETS (architecture)
   qformer_init: minilm | <BERT directory or hub id> | none    # stage 1: the Q-Former starts from BERT
+  itc_gather_grad: false | true      # stage 1: ITC gathers the other side with gradient (false: as LAVIS)
   init_from: <stage-1 checkpoint directory>                    # stage 2: the Q-Former trained in stage 1
   pretrained_vision: false | true                              # load the encoder's weights (model_id)
   pretrained_llm: true | false                                 # load the LLM's weights (llm.model_id)
@@ -16,6 +17,8 @@ data:
   annotations: <file>  images: <image root>  urls: [<shards>]  n: <scenes count>  seed: 0
   augment: false | true           # random resized crop + flip (no feature cache when on)
   feature_cache: <dir> | null     # stage 1/2: train from cached frozen features
+  clean_captions: false | true    # LAVIS's caption cleaning (blip2.data.text; on in the paper recipes)
+  max_words: 50                   # with clean_captions: captions cut to this many words
   max_length: 32
   prompt: ""                      # stage 2 decoder-only: text before the caption (not in the loss)
 """
@@ -34,6 +37,7 @@ from torch import nn
 from blip2.config import Blip2Config, from_name
 from blip2.data.collate import ImageTextCollator
 from blip2.data.transforms import ImageProcessor, TrainTransform
+from blip2.llm import stop_text
 from blip2.model import Blip2, Blip2QFormer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,6 +69,7 @@ def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
         config.llm = None
         config.qformer.use_text = True
         model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=bool(section.get("pretrained_vision")))
+        model.itc_gather_grad = bool(section.get("itc_gather_grad", False))
         init = section.get("qformer_init", "none")
         if init and init != "none":
             from blip2.checkpoints import init_qformer_from_bert
@@ -190,16 +195,26 @@ def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_
     elif kind == "webdataset":
         if section.get("feature_cache"):
             raise ValueError("the feature cache needs a map-style dataset; webdataset shards stream")
-        return WebDatasetShards(
+        shards = WebDatasetShards(
             section["urls"], transform=transform, shuffle_buffer=int(section.get("shuffle", 1000)), seed=seed
-        ), {}
+        )
+        return _cleaned(shards, section), {}
     else:
         raise ValueError(f"unknown data.kind {kind!r}; expected jsonl, csv, coco, webdataset or scenes")
     if section.get("feature_cache"):
         if augment:
             raise ValueError("data.feature_cache needs data.augment=false: cached features cannot be augmented")
         dataset = cached(dataset, model, Path(section["feature_cache"]))
-    return dataset, {}
+    return _cleaned(dataset, section), {}
+
+
+def _cleaned(dataset: Any, section: Mapping[str, Any]) -> Any:
+    """The dataset with LAVIS's caption cleaning applied when the recipe asks for it (``clean_captions``)."""
+    if not section.get("clean_captions", False):
+        return dataset
+    from blip2.data.text import MAX_WORDS, clean_captions
+
+    return clean_captions(dataset, max_words=int(section.get("max_words", MAX_WORDS)))
 
 
 def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
@@ -235,11 +250,12 @@ class Stage1Collate:
 
 
 class DecoderCollate:
-    """Stage 2, decoder-only LLM: ``prompt + caption + EOS``; labels on the caption and EOS only."""
+    """Stage 2, decoder-only LLM: ``prompt + caption + stop``; labels on the caption and the stop token only.
+    ``stop_text``: the text of the token generation stops on (`blip2.llm.stop_text`; None: the tokenizer's EOS)."""
 
-    def __init__(self, tokenizer: Any, max_length: int = 32, prompt: str = "") -> None:
+    def __init__(self, tokenizer: Any, max_length: int = 32, prompt: str = "", stop_text: str | None = None) -> None:
         self.inner = ImageTextCollator(
-            tokenizer, max_length=max_length, prompt=prompt, append_eos=True, padding_side="right"
+            tokenizer, max_length=max_length, prompt=prompt, append_eos=True, padding_side="right", eos_text=stop_text
         )
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
@@ -293,7 +309,8 @@ def build_collate(section: Mapping[str, Any], model: Blip2 | Blip2QFormer) -> Ca
         return Stage1Collate(model.tokenizer, max_length)
     if model.is_encoder_decoder:
         return PrefixLMCollate(model.tokenizer, max_length, seed=int(section.get("seed", 0)))
-    return DecoderCollate(model.tokenizer, max_length, prompt=str(section.get("prompt", "")))
+    stop = stop_text(model.config.llm, model.tokenizer)  # the token generation stops on ends every target
+    return DecoderCollate(model.tokenizer, max_length, prompt=str(section.get("prompt", "")), stop_text=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------
