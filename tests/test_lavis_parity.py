@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from blip2 import losses
-from blip2.checkpoints.core import lavis_to_ours, ours_to_lavis
+from blip2.checkpoints.lavis import lavis_to_ours, ours_to_lavis
 from blip2.config import tiny_config
 from blip2.model import Blip2QFormer
 
