@@ -77,6 +77,25 @@ def build_feature_cache(
             "process wrote it for different weights, preprocessing or images)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    features, bad = _encode_images(encoder, paths, processor, batch_size, dtype, device)  # (N, P, Dv)
+    tmp = out / "features.safetensors.tmp"
+    save_file({"features": features.contiguous()}, str(tmp))
+    os.replace(tmp, out / "features.safetensors")
+    tmp_meta = out / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps({"fingerprint": fingerprint, "images": paths, "bad_images": bad}))
+    os.replace(tmp_meta, meta_file)
+    return features
+
+
+def _encode_images(
+    encoder: nn.Module,
+    paths: list[str],
+    processor: ImageProcessor,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, list[str]]:
+    """The encoder's features of every image (N, P, Dv), zeros for unreadable ones, and those images' paths."""
     encoder.eval()
     chunks: list[torch.Tensor] = []
     bad: list[str] = []
@@ -105,14 +124,7 @@ def build_feature_cache(
         if template is None:
             raise ImageError(f"none of the first {len(rows)} images could be read; cannot size the feature cache")
         chunks.append(torch.stack([r if r is not None else torch.zeros_like(template) for r in rows]))
-    features = torch.cat(chunks)  # (N, P, Dv)
-    tmp = out / "features.safetensors.tmp"
-    save_file({"features": features.contiguous()}, str(tmp))
-    os.replace(tmp, out / "features.safetensors")
-    tmp_meta = out / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps({"fingerprint": fingerprint, "images": paths, "bad_images": bad}))
-    os.replace(tmp_meta, meta_file)
-    return features
+    return torch.cat(chunks), bad
 
 
 def read_feature_cache(directory: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:

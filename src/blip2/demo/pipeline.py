@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import resource
 import shutil
 import sys
@@ -51,8 +50,6 @@ from blip2.demo.settings import DemoSettings, StageSettings, demo_config
 from blip2.demo.stages import build_stage1_model, build_stage2_model, is_done, mark_done, train_stage, trainable_weights
 from blip2.model import Blip2, Blip2QFormer
 from blip2.train.recipes import collate_for_model
-
-logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 5  # part of every cache key: bump when the pipeline changes what a cached step holds
 
@@ -83,7 +80,8 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- features
     def features(self, data_dir: Path) -> dict[str, Any]:
-        """The frozen ViT's weights and the feature cache of the training images (`build_feature_cache`)."""
+        """The frozen ViT's weights ("vit") and its features of the training images ("train", (N, P, Dv), in
+        `train_dataset` order), computed once into a `build_feature_cache` directory."""
         from blip2.data.feature_cache import build_feature_cache, image_paths_of, read_feature_cache
         from blip2.data.transforms import ImageProcessor
         from blip2.vision import build_vision_encoder
@@ -105,7 +103,7 @@ class Pipeline:
         return {
             "vit": load_file(str(directory / "vit.safetensors")),
             "train": read_feature_cache(directory)[0],
-            "train_dir": data_dir / "train",
+            "data_dir": data_dir,
         }
 
     def _pretrain_vit(self, vit: torch.nn.Module, processor: Any, train: ImageTextDataset) -> list[float]:
@@ -154,7 +152,7 @@ class Pipeline:
         key = self.keys[stage]
         run_dir = self.cache / f"{stage}-{key}"
         if not is_done(run_dir, key):
-            captions = self.train_dataset(features["train_dir"].parent, detailed=stage == "stage2")
+            captions = self.train_dataset(features["data_dir"], detailed=stage == "stage2")
             dataset = CachedFeatureDataset(captions, features["train"])
             collate = collate_for_model(model, self.s.max_text_tokens, prompt=self.s.caption_prompt)
             last = train_stage(model, dataset, collate, settings, run_dir, seed, self.log_every)
