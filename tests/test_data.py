@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from blip2.config import CLIP_MEAN, CLIP_STD
-from blip2.data.collate import ImageTextCollator
+from blip2.data.collate import DecoderCollate, ImageTextCollator, Stage1Collate
 from blip2.data.datasets import (
     CocoCaptionsDataset,
     ImageTextDataset,
@@ -25,7 +25,9 @@ from blip2.data.datasets import (
     read_annotations,
     write_webdataset_shards,
 )
+from blip2.data.feature_cache import CachedFeatureDataset
 from blip2.data.transforms import ImageProcessor, TrainTransform, swap_left_right
+from blip2.data.word_tokenizers import tiny_llm_tokenizer
 
 SIZE = 16
 
@@ -283,6 +285,64 @@ def test_collator_all_skipped_and_train_transform(tokenizer) -> None:  # noqa: A
     assert batch["pixel_values"].shape == (1, 3, SIZE, SIZE)
     with pytest.raises(TypeError, match="no image_transform"):
         ImageTextCollator(tokenizer, max_length=8)([{"image": _image(0), "text": "x", "image_id": 0}])
+
+
+# ------------------------------------------------------------------------------- training-stage batches
+
+
+def test_stage1_collate_gives_cached_features_as_image_features(tokenizer) -> None:  # noqa: ANN001
+    features = torch.randn(2, 5, 7)  # (N, P, Dv) cached frozen features
+    items = [{"image": features[i], "text": t, "image_id": i} for i, t in enumerate(["a red star", "two shapes"])]
+    batch = Stage1Collate(tokenizer, max_length=8)(items)
+    assert torch.equal(batch["image_features"], features) and "pixel_values" not in batch
+    assert "target_mask" not in batch and batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
+    assert tokenizer.decode(batch["input_ids"][0]) == "[CLS] a red star [SEP]"
+
+
+def test_decoder_collate_layout_labels_and_truncation() -> None:
+    """Stage 2: [head (BOS + placeholders)] prompt caption [eos], right-padded; the loss on caption + EOS."""
+    tok = tiny_llm_tokenizer()  # <s> 0, <pad> 1, </s> 2
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("a", "photo", "of", "red", "circle", "star", "small")}
+    head = [0, 97, 97]  # BOS, then the visual prompt's placeholders (as LLMConfig.visual_prompt_after_bos)
+    feats = torch.randn(3, 4, 6)
+    items = [
+        {"image": feats[0], "text": "circle", "image_id": 0},
+        {"image": feats[1], "text": "small red star", "image_id": 1},
+        SkippedSample("broken.png", "truncated"),
+    ]
+    batch = DecoderCollate(tok, max_length=6, prompt="a photo of", head_ids=head)(items)
+    prompt = [ids["a"], ids["photo"], ids["of"]]
+    assert batch["input_ids"][0].tolist() == head + prompt + [ids["circle"], 2] + [1]  # padded with <pad>
+    assert batch["input_ids"][1].tolist() == head + prompt + [ids["small"], ids["red"], ids["star"]]  # EOS cut
+    assert batch["attention_mask"][0].tolist() == [1] * 8 + [0]
+    assert batch["labels"][0].tolist() == [-100] * 6 + [ids["circle"], 2, -100]
+    assert torch.equal(batch["image_features"], feats[:2])
+    assert batch["skipped"] == 1 and batch["skipped_files"] == [("broken.png", "truncated")]
+
+    plain = DecoderCollate(tok, max_length=32)([items[0]])  # no head, no prompt: the caption is the target
+    assert plain["input_ids"][0].tolist() == plain["labels"][0].tolist() == [ids["circle"], 2]
+    with pytest.raises(TypeError, match="PIL image"):
+        DecoderCollate(tok, max_length=8)([{"image": _image(0), "text": "x", "image_id": 0}])
+
+
+def test_cached_feature_dataset_gives_the_captions_the_dataset_gives(image_dir: Path) -> None:
+    """Cached features change where the image comes from, never which caption a sample draws."""
+    records = [{"image": f"{i}.png", "captions": [f"c{i}{k}" for k in range(4)]} for i in range(3)]
+    records.append({"image": "corrupt.jpg", "caption": "broken"})
+    dataset = ImageTextDataset(records, image_dir, transform=_processor(), mode="random_caption", seed=5)
+    features = torch.randn(4, 3, 2)  # (N, P, Dv)
+    cached = CachedFeatureDataset(dataset, features, bad_images=[str(image_dir / "corrupt.jpg")])
+    draws = set()
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        for i in range(3):
+            item = cached[i]
+            assert item["text"] == dataset[i]["text"] and torch.equal(item["image"], features[i])
+            draws.add(item["text"])
+    assert len(draws) > 3  # the caption changes with the epoch
+    assert cached[3] is None  # an image the cache could not read
+    with pytest.raises(ValueError, match="holds 2 images but the dataset has 4"):
+        CachedFeatureDataset(dataset, features[:2])
 
 
 # ------------------------------------------------------------------------------------------- webdataset

@@ -1,4 +1,5 @@
-"""The offline demo end to end at tiny sizes (``quick=True``): every output file, loading, the CLI, caching."""
+"""The offline demo end to end at tiny sizes (``quick=True``): every output file, its figures, loading, the
+CLI, caching, and its settings read from ``configs/demo.yaml``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch
 import yaml
 
 from blip2.cli import main as cli_main
-from blip2.demo.settings import DemoSettings, cache_keys, detailed_caption, quick_settings, run_demo
+from blip2.data.scenes import detailed_caption
+from blip2.demo.pipeline import cache_keys, run_demo
+from blip2.demo.settings import DemoSettings
+
+
+def quick_settings() -> DemoSettings:
+    return DemoSettings.load(quick=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,12 +42,8 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
 
     metrics = json.loads((demo_dir / "metrics.json").read_text())
     assert metrics["wall_time_s"] > 0 and metrics["peak_rss_mb"] > 0
-    head = metrics["headline"]
-    for key in ("i2t_r1", "t2i_r1", "caption_attribute_accuracy", "CIDEr", "vqa_overall"):
-        assert 0.0 <= head[key] <= 10.0, key
-    assert set(head["vqa_per_type"]) == {"color", "count", "exists", "position", "shape"}
+    assert set(metrics["headline"]["vqa_per_type"]) == {"color", "count", "exists", "position", "shape"}
     # the LLM's ceiling: the same questions with the true scene description written before them
-    assert 0.0 <= head["vqa_true_caption_overall"] <= 1.0
     assert metrics["vqa_true_caption"]["n_images"] == quick_settings().n_test
     assert metrics["training"]["stage1"]["last"]["step"] == quick_settings().stage1.steps
     assert metrics["training"]["stage2"]["last"]["step"] == quick_settings().stage2.steps
@@ -77,12 +81,46 @@ def test_eval_cli_on_demo_outputs(demo_dir: Path, tmp_path: Path, capsys: pytest
     assert 0.0 <= result["vqa"]["overall"] <= 1.0
 
 
-def test_second_run_reuses_the_cache(demo_dir: Path) -> None:
+def test_quick_run_gives_its_known_figures(demo_dir: Path) -> None:
+    """The quick run is deterministic: its figures are pinned (measured with the demo's own stages before they
+    moved onto the library's datasets and collators, which had to leave them unchanged). A change to the data,
+    batches, models or training of the demo moves the losses; the tiny random models' evaluation is near
+    chance (8 test images, 4 candidates per ITM re-rank). Stage 1's last loss and stage 2's losses moved when
+    ITC stopped sending each term's gradient through the other side's features (as LAVIS); with
+    ``itc_gather_grad=True`` the run gives the earlier figures (stage 1 last 7.29783, stage 2 4.60106 / 4.60173)."""
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    head = metrics["headline"]
+    assert head["i2t_r1"] == 0.125 and head["t2i_r1"] == 0.125
+    assert metrics["retrieval"]["t2i_r5"] == 0.5 and metrics["retrieval"]["itc_only"]["i2t_r10"] == 0.625
+    assert head["caption_attribute_accuracy"] == 0.0 and head["CIDEr"] == 0.0
+    assert head["vqa_overall"] == 0.0 and head["vqa_true_caption_overall"] == 0.0
+    training = metrics["training"]
+    losses = {
+        "stage1": (training["stage1"]["first"], training["stage1"]["last"]),
+        "stage2": (training["stage2"]["first"], training["stage2"]["last"]),
+    }
+    assert losses["stage1"][0]["loss"] == pytest.approx(8.20774, rel=1e-4)
+    assert losses["stage1"][0]["loss_itc"] == pytest.approx(2.91603, rel=1e-4)
+    assert losses["stage1"][1]["loss"] == pytest.approx(7.308605, rel=1e-5)
+    assert losses["stage2"][0]["loss"] == pytest.approx(4.601059, rel=1e-6)
+    assert losses["stage2"][1]["loss"] == pytest.approx(4.601763, rel=1e-6)
+
+
+def test_second_run_reuses_the_cache(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blip2.demo import pipeline as demo_pipeline
+    from blip2.eval import runner
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached step ran again")
+
+    monkeypatch.setattr(demo_pipeline, "train_stage", must_not_run)
+    monkeypatch.setattr(runner, "run_eval", must_not_run)
     marker = demo_dir / "model" / "model.safetensors"
     before = marker.stat().st_mtime_ns
+    first = json.loads((demo_dir / "metrics.json").read_text())
     metrics = run_demo(demo_dir, quick=True)
     assert marker.stat().st_mtime_ns == before  # the saved model was not rewritten
-    assert metrics["timings_s"]["evaluate"] < 5  # evaluation results came from the cache
+    assert metrics["headline"] == first["headline"]
 
 
 def test_demo_runs_deterministic_kernels_and_restores_the_setting(
@@ -115,10 +153,30 @@ def test_cache_keys_follow_the_settings() -> None:
     assert a["stage2"] != b["stage2"] and a["eval"] != b["eval"]
 
 
-def test_demo_yaml_matches_the_defaults() -> None:
-    from_yaml = DemoSettings.from_yaml(REPO / "configs" / "demo.yaml")
-    assert from_yaml == DemoSettings()
-    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())  # a plain YAML recipe
+def test_settings_come_from_the_yaml_file(tmp_path: Path) -> None:
+    """configs/demo.yaml is the single source: every setting is read from it, ``quick`` overlays its
+    ``quick:`` section (stage sections key by key), and a missing or unknown key is named."""
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    full, quick = DemoSettings.load(), DemoSettings.load(quick=True)
+    assert full.n_train == raw["n_train"] and full.stage2.lr_multipliers == raw["stage2"]["lr_multipliers"]
+    assert quick.n_train == raw["quick"]["n_train"] and quick.tiny
+    assert quick.stage1.steps == raw["quick"]["stage1"]["steps"]
+    assert quick.stage1.weight_decay == raw["stage1"]["weight_decay"]  # not in quick.stage1: kept
+    assert quick.seed == full.seed and quick.vqa_template == full.vqa_template
+
+    broken = {k: v for k, v in raw.items() if k not in ("quick", "n_test")}
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump({**broken, "vision_init": "random"}))
+    with pytest.raises(ValueError, match=r"unknown settings \['vision_init'\], missing settings \['n_test'\]"):
+        DemoSettings.load(tmp_path / "demo.yaml")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        DemoSettings.load(tmp_path / "missing.yaml")
+
+
+def test_demo_uses_no_config_preset() -> None:
+    """The demo builds its model config from its settings, not from a `blip2.config` preset (config.py holds
+    pure presets; nothing there may reach up into the demo)."""
+    sources = "".join(p.read_text() for p in (REPO / "src" / "blip2" / "demo").glob("*.py"))
+    assert "from_name" not in sources and "PRESETS" not in sources
 
 
 def test_detailed_caption_names_everything() -> None:

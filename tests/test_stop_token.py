@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from blip2.config import LLMConfig, opt_2_7b, tiny_config
-from blip2.llm import generation_stop_ids, stop_text, stop_token_id
+from blip2.llm import generation_stop_ids, stop_token_id
 from blip2.model import Blip2
 from blip2.testing import tiny_llm_tokenizer
 
@@ -35,30 +35,6 @@ def test_built_model_generates_with_the_stop_token() -> None:
     cfg.llm.stop_token_id = 53
     model = Blip2(cfg)
     assert model.language_model.generation_config.eos_token_id == [53, 2]
-
-
-def test_stop_text_tokenises_back_to_the_stop_token() -> None:
-    tok = tiny_llm_tokenizer()
-    cfg = tiny_config("opt").llm
-    cfg.stop_token_id = tok.convert_tokens_to_ids(".")
-    assert stop_text(cfg, tok) == "."
-    cfg.stop_token_id = None  # hf_config's eos: "</s>", a special token
-    assert stop_text(cfg, tok) == "</s>"
-    cfg.stop_token_id = 97  # an ordinary word ("w97")
-    assert tok(stop_text(cfg, tok), add_special_tokens=False)["input_ids"] == [97]
-
-
-def test_stop_text_refuses_a_token_that_does_not_round_trip() -> None:
-    class Tok:
-        def decode(self, ids: list[int]) -> str:
-            return "ab"
-
-        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-            return {"input_ids": [1, 2]}
-
-    cfg = LLMConfig(hf_config={"eos_token_id": 5})
-    with pytest.raises(ValueError, match="does not tokenise back"):
-        stop_text(cfg, Tok())
 
 
 def test_opt_trained_with_the_stage2_recipe_stops_where_it_learned_to(tmp_path: Path) -> None:

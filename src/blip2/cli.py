@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from blip2.demo.settings import run_demo
+    from blip2.demo.pipeline import run_demo
 
     metrics = run_demo(Path(args.output), quick=args.quick)
     _print(metrics, args.json, [f"demo written to {args.output}"])

@@ -10,13 +10,12 @@ in one of two conventions:
 
 Stop token: one token ends every stage-2 training target and stops generation (`stop_token_id`, from
 ``LLMConfig.stop_token_id`` or the LLM config's EOS). `Blip2` writes it into the LLM's generation config when
-it is built (`use_stop_token`), and the decoder-only stage-2 collator appends its text (`stop_text`), so the
-two cannot disagree; e.g. BLIP-2's OPT models end captions with "\n", as LAVIS trains and generates them.
+it is built (`use_stop_token`), and the decoder-only stage-2 collator appends its id
+(`blip2.data.collate.DecoderCollate`), so the two cannot disagree; e.g. BLIP-2's OPT models end captions
+with "\n", as LAVIS trains and generates them.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,19 +77,6 @@ def use_stop_token(language_model: nn.Module, config: LLMConfig) -> None:
     generation_config = getattr(language_model, "generation_config", None)
     if generation_config is not None:
         generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
-
-
-def stop_text(config: LLMConfig, tokenizer: Any) -> str:
-    """The text a decoder-only stage-2 target ends with: the stop token's text, checked to tokenise back to
-    exactly that token (so the loss is taken on the token generation stops on)."""
-    token = stop_token_id(config)
-    text = tokenizer.decode([token])
-    if tokenizer(text, add_special_tokens=False)["input_ids"] != [token]:
-        raise ValueError(
-            f"the LLM's stop token {token} ({text!r}) does not tokenise back to itself with this tokenizer; "
-            "set LLMConfig.stop_token_id to a token that does (e.g. the tokenizer's eos_token_id)"
-        )
-    return text
 
 
 def splice_visual_prompt(

@@ -8,48 +8,18 @@ from typing import Any, TypeVar
 import torch
 
 from blip2.config import tiny_config
+from blip2.data.word_tokenizers import WORDS, tiny_bert_tokenizer, tiny_llm_tokenizer, word_tokenizer
 
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
-WORDS = (
-    "a an the of and to in on with is are there what how many color shape where left right top bottom center "
-    "red green blue yellow purple orange white black circle square triangle star small large one two three "
-    "yes no photo picture shapes shape question answer : ? . ,"
-).split()
-
-
-def word_tokenizer(specials: dict[str, int], vocab_size: int) -> Any:
-    """A whitespace word-level fast tokenizer over `WORDS` (ids after the special tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = dict(specials)
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    while len(vocab) < vocab_size:  # filler words, so that every id a tiny model emits decodes to something
-        vocab[f"w{len(vocab)}"] = len(vocab)
-    unk = "<unk>" if "<unk>" in specials else "[UNK]"
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk)
-
-
-def tiny_llm_tokenizer() -> Any:
-    tok = word_tokenizer({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}, vocab_size=98)
-    tok.add_special_tokens({"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>"})
-    tok.padding_side = "left"
-    return tok
-
-
-def tiny_bert_tokenizer() -> Any:
-    tok = word_tokenizer({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3}, vocab_size=99)
-    tok.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
-    from tokenizers import processors
-
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
-    )
-    return tok
+__all__ = [
+    "WORDS",
+    "make_tiny_model",
+    "pretrain_tiny_llm",
+    "tiny_bert_tokenizer",
+    "tiny_llm_tokenizer",
+    "word_tokenizer",
+]
 
 
 def make_tiny_model(directory: str | Path | None = None, llm: str | None = "opt", seed: int = 0) -> Any:

@@ -11,17 +11,23 @@ Text layout of one sample, for a language-modelling loss on the target only::
 - ``prompt`` with ``{}`` is a template filled with the sample's text (e.g. ``"Question: {} Answer:"``); the
   target is ``target_separator + sample[target_key]`` when ``target_key`` is set (e.g. ``"answer"``), else
   nothing (an inference batch).
-- ``append_eos`` adds ``eos_text`` (default ``tokenizer.eos_token``) after the target, so a decoder LLM learns
-  to stop; stage 2 passes the text of the LLM's stop token (`blip2.llm.stop_text`), the one generation stops on.
+- ``append_eos`` adds ``tokenizer.eos_token`` after the target, so a decoder LLM learns to stop (stage-2
+  training uses `DecoderCollate`, which ends each target with the LLM's stop token instead).
   Truncation at ``max_length`` can cut it off, as in the reference.
 
 ``target_mask`` (B, L) marks the tokens that belong to the target (and the appended EOS): the positions a
 stage-2 LM loss should score. It is computed from character offsets, so it needs a fast tokenizer; tokens
 that straddle the prompt/target boundary count as prompt.
+
+The training stages' collators (used by `blip2.train.recipes` and the demo) build on it: `Stage1Collate` (BERT
+text for ITC/ITM/ITG), `DecoderCollate` (stage 2, decoder-only LLM) and `PrefixLMCollate` (stage 2,
+encoder-decoder LLM). Items may carry cached frozen features (P, Dv) under ``"image"``
+(`blip2.data.feature_cache.CachedFeatureDataset`); they reach the model as ``image_features``.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -31,7 +37,7 @@ from PIL import Image
 from blip2.data.datasets import SkippedSample
 from blip2.data.transforms import transform_image
 
-__all__ = ["ImageTextCollator"]
+__all__ = ["DecoderCollate", "ImageTextCollator", "PrefixLMCollate", "Stage1Collate"]
 
 
 class ImageTextCollator:
@@ -59,7 +65,6 @@ class ImageTextCollator:
         target_separator: str = " ",
         add_special_tokens: bool = True,
         keep_keys: Sequence[str] = (),
-        eos_text: str | None = None,
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -67,7 +72,7 @@ class ImageTextCollator:
             raise ValueError(
                 "the tokenizer has no pad token; set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)"
             )
-        if append_eos and eos_text is None and tokenizer.eos_token is None:
+        if append_eos and tokenizer.eos_token is None:
             raise ValueError("append_eos=True but the tokenizer has no eos_token")
         if padding_side not in (None, "left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -78,7 +83,6 @@ class ImageTextCollator:
         self.image_transform = image_transform
         self.prompt = prompt
         self.append_eos = append_eos
-        self.eos_text = eos_text if eos_text is not None else tokenizer.eos_token
         self.padding_side = padding_side or tokenizer.padding_side
         self.target_key = target_key
         self.target_separator = target_separator
@@ -94,7 +98,7 @@ class ImageTextCollator:
             prompt = self.prompt.format(text)
             target = self.target_separator + target_value if target_value is not None else ""
         if self.append_eos:
-            target += self.eos_text
+            target += self.tokenizer.eos_token
         return prompt, target
 
     def __call__(self, samples: Sequence[Mapping[str, Any] | SkippedSample | None]) -> dict[str, Any]:
@@ -166,3 +170,125 @@ class ImageTextCollator:
     def _empty_pixels(self) -> torch.Tensor:
         size = getattr(self.image_transform, "image_size", 0)
         return torch.zeros(0, 3, size, size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training stages' batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _features_key(batch: dict[str, Any]) -> None:
+    """Cached features (B, P, Dv) arrive where pixels would; the model takes them as ``image_features``."""
+    if batch["pixel_values"].dim() == 3:
+        batch["image_features"] = batch.pop("pixel_values")
+
+
+class Stage1Collate:
+    """Stage 1: BERT tokenisation ([CLS] text [SEP], right padding); cached features become ``image_features``."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 32) -> None:
+        self.inner = ImageTextCollator(tokenizer, max_length=max_length, padding_side="right")
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        batch = self.inner(samples)
+        _features_key(batch)
+        batch.pop("target_mask", None)
+        return batch
+
+
+class DecoderCollate:
+    """Stage 2, decoder-only LLM: ``head_ids + prompt + caption + [stop]`` right-padded, labels on the caption
+    and the stop token only.
+
+    ``stop_id`` is the token generation stops on (`blip2.llm.stop_token_id`: "\\n" for BLIP-2's OPT, as in
+    LAVIS; default the tokenizer's EOS), so the model learns to end where generation will end it.
+
+    ``head_ids`` start every row: the LLM's BOS and the image placeholders where the model puts them at
+    inference (`blip2.train.recipes.decoder_head_ids`), so the LLM sees in training the layout it sees when it
+    captions or answers. The pieces are tokenised apart (no special tokens) and joined as ids; the caption
+    follows a prompt after one space. ``max_length`` bounds the prompt, caption and EOS (the head is kept
+    whole). Items are those of `ImageTextCollator` (pixels, or cached features); skipped ones are dropped and
+    counted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int = 32,
+        prompt: str = "",
+        head_ids: Sequence[int] = (),
+        stop_id: int | None = None,
+    ) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.stop_id = stop_id if stop_id is not None else tokenizer.eos_token_id
+        if self.stop_id is None:
+            raise ValueError("the LLM tokenizer has no eos_token and no stop token was given; stage 2 needs one")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.head_ids = list(head_ids)
+        self.prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        self.space = " " if prompt else ""
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, caption: str) -> tuple[list[int], int]:
+        """(token ids of one row, number of leading tokens outside the loss)."""
+        target = self.tokenizer(self.space + caption, add_special_tokens=False)["input_ids"]
+        text = (self.prompt_ids + target + [self.stop_id])[: self.max_length]
+        return self.head_ids + text, len(self.head_ids) + len(self.prompt_ids)
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        kept = [s for s in samples if isinstance(s, Mapping)]
+        skipped = [s for s in samples if not isinstance(s, Mapping)]
+        images = [s["image"] for s in kept]
+        if any(isinstance(image, Image.Image) for image in images):
+            raise TypeError("DecoderCollate got a PIL image: give the dataset a transform (or cached features)")
+        encoded = [self.encode(str(s["text"])) for s in kept]
+        width = max((len(ids) for ids, _ in encoded), default=0)
+        input_ids = torch.full((len(kept), width), self.pad, dtype=torch.long)  # (B, L)
+        attention_mask = torch.zeros((len(kept), width), dtype=torch.long)  # (B, L)
+        labels = torch.full((len(kept), width), -100, dtype=torch.long)  # (B, L)
+        for row, (ids, n_head) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, n_head : len(ids)] = torch.tensor(ids[n_head:])
+        batch: dict[str, Any] = {
+            "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, 0, 0),  # (B, 3, H, W) | (B, P, Dv)
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "image_ids": [s.get("image_id") for s in kept],
+            "skipped": len(skipped),
+            "skipped_files": [(s.path, s.reason) for s in skipped if isinstance(s, SkippedSample)],
+        }
+        _features_key(batch)
+        return batch
+
+
+class PrefixLMCollate:
+    """Stage 2, encoder-decoder LLM (prefix LM): each caption is split at a random word; the prefix goes
+    with the visual prompt into the encoder, the suffix is the decoder's target."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 32, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.inner = ImageTextCollator(tokenizer, max_length=max_length, padding_side="right")
+        self.rng = random.Random(seed)
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        kept = [s for s in samples if isinstance(s, Mapping)]
+        prefixes, suffixes = [], []
+        for s in kept:
+            words = str(s["text"]).split()
+            cut = self.rng.randint(0, max(0, len(words) - 1))  # the suffix keeps at least one word
+            prefixes.append(" ".join(words[:cut]))
+            suffixes.append(" ".join(words[cut:]))
+        batch = self.inner([{**s, "text": p} for s, p in zip(kept, prefixes, strict=True)])
+        _features_key(batch)
+        batch.pop("target_mask", None)
+        batch["skipped"] = len(samples) - len(kept)
+        target = self.tokenizer(
+            suffixes, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch["labels"] = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
+        return batch

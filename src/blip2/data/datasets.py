@@ -217,12 +217,20 @@ class _CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+    def sample_indices(self, index: int) -> tuple[int, int]:
+        """(image index, caption index) of sample ``index``. In ``random_caption`` mode the caption is drawn
+        from (seed, epoch, index) alone: the same under any worker layout, after a resume, and in
+        `blip2.data.feature_cache.CachedFeatureDataset` (which asks here). Without a seed: python's global RNG."""
         image_index, caption_index = self._index[index]
+        if caption_index < 0:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}") if self.seed is not None else random
+            caption_index = rng.randrange(len(self.images[image_index].captions))
+        return image_index, caption_index
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        image_index, caption_index = self.sample_indices(index)
         entry = self.images[image_index]
         generator = _sample_generator(self.seed, self.epoch, index)
-        if caption_index < 0:
-            caption_index = int(torch.randint(len(entry.captions), (), generator=generator).item())
         path = self.image_root / entry.path
         try:
             image = load_image(path, max_pixels=self.max_pixels)

@@ -53,7 +53,7 @@ def build_feature_cache(
     on the cache skip them. ``reuse_only``: load a matching cache or raise, never write (the other ranks of
     a multi-process run read the cache rank 0 wrote). Returns the (N, P, Dv) features.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     out = Path(directory)
     fingerprint = encoder_fingerprint(
@@ -70,13 +70,32 @@ def build_feature_cache(
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == fingerprint and meta.get("images") == paths:
-            return load_file(str(out / "features.safetensors"))["features"]
+            return read_feature_cache(out)[0]
     if reuse_only:
         raise RuntimeError(
             f"the feature cache in {out} does not match this image encoder and image list (another "
             "process wrote it for different weights, preprocessing or images)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    features, bad = _encode_images(encoder, paths, processor, batch_size, dtype, device)  # (N, P, Dv)
+    tmp = out / "features.safetensors.tmp"
+    save_file({"features": features.contiguous()}, str(tmp))
+    os.replace(tmp, out / "features.safetensors")
+    tmp_meta = out / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps({"fingerprint": fingerprint, "images": paths, "bad_images": bad}))
+    os.replace(tmp_meta, meta_file)
+    return features
+
+
+def _encode_images(
+    encoder: nn.Module,
+    paths: list[str],
+    processor: ImageProcessor,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, list[str]]:
+    """The encoder's features of every image (N, P, Dv), zeros for unreadable ones, and those images' paths."""
     encoder.eval()
     chunks: list[torch.Tensor] = []
     bad: list[str] = []
@@ -105,20 +124,24 @@ def build_feature_cache(
         if template is None:
             raise ImageError(f"none of the first {len(rows)} images could be read; cannot size the feature cache")
         chunks.append(torch.stack([r if r is not None else torch.zeros_like(template) for r in rows]))
-    features = torch.cat(chunks)  # (N, P, Dv)
-    tmp = out / "features.safetensors.tmp"
-    save_file({"features": features.contiguous()}, str(tmp))
-    os.replace(tmp, out / "features.safetensors")
-    tmp_meta = out / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps({"fingerprint": fingerprint, "images": paths, "bad_images": bad}))
-    os.replace(tmp_meta, meta_file)
-    return features
+    return torch.cat(chunks), bad
+
+
+def read_feature_cache(directory: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The (N, P, Dv) features and the ``meta.json`` of a cache `build_feature_cache` wrote (no check of the
+    encoder: for a reader that knows the cache is its own)."""
+    from safetensors.torch import load_file
+
+    out = Path(directory)
+    meta = json.loads((out / "meta.json").read_text())
+    return load_file(str(out / "features.safetensors"))["features"], meta
 
 
 class CachedFeatureDataset(Dataset):
     """Wraps a caption dataset (`ImageTextDataset`, `CocoCaptionsDataset`): items carry the cached frozen
-    features (P, Dv) under ``"image"`` instead of a decoded image; the collator stacks them and the training
-    recipe passes them to the model as ``image_features``."""
+    features (P, Dv) under ``"image"`` instead of a decoded image, with the caption the wrapped dataset would
+    give for the same index and epoch (``sample_indices``); the collator stacks them and the training recipe
+    passes them to the model as ``image_features``. Items of images listed in ``bad_images`` are None."""
 
     def __init__(self, dataset: Any, features: torch.Tensor, bad_images: Sequence[str] = ()) -> None:
         if features.shape[0] != len(dataset.images):
@@ -126,7 +149,7 @@ class CachedFeatureDataset(Dataset):
                 f"the feature cache holds {features.shape[0]} images but the dataset has {len(dataset.images)}"
             )
         self.dataset = dataset
-        self.features = features
+        self.features = features  # (N, P, Dv)
         self.bad = set(bad_images)
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,13 +159,10 @@ class CachedFeatureDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image_index, caption_index = self.dataset._index[index]
+        image_index, caption_index = self.dataset.sample_indices(index)
         entry = self.dataset.images[image_index]
         if str(self.dataset.image_root / entry.path) in self.bad:
             return None
-        if caption_index < 0:
-            g = torch.Generator().manual_seed((self.dataset.seed or 0) * 1_000_003 + self.dataset.epoch * 7919 + index)
-            caption_index = int(torch.randint(len(entry.captions), (), generator=g))
         return {
             "image": self.features[image_index],
             "text": entry.captions[caption_index],

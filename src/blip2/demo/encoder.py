@@ -1,8 +1,8 @@
 """The demo's image encoder: pretrain its small ViT with a contrastive (CLIP-style) objective on the training
-split, then freeze it (``DemoSettings.vision_init = "contrastive"``, the default).
+split, then freeze it.
 
-No pretrained vision weights install offline, so the demo's image encoder is either this or a seeded
-random-init ViT (``vision_init = "random"``); the README gives the measurement behind the choice.
+No pretrained vision weights install offline, so the demo trains its own encoder before BLIP-2 touches it;
+the README gives the measurement behind the choice (against a seeded random-init frozen ViT).
 
 The image tower is the ViT with mean-pooled patch features and a linear head; the text tower is a word
 embedding + one GRU layer over the caption's words (the scene vocabulary is a few dozen words); the loss is the

@@ -26,7 +26,6 @@ data:
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ import torch
 from torch import nn
 
 from blip2.config import Blip2Config, from_name
-from blip2.data.collate import ImageTextCollator
+from blip2.data.collate import DecoderCollate, PrefixLMCollate, Stage1Collate
 from blip2.data.transforms import ImageProcessor, TrainTransform
-from blip2.llm import stop_text
+from blip2.llm import stop_token_id
 from blip2.model import Blip2, Blip2QFormer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,6 +113,10 @@ def load_stage1_into(model: Blip2, stage1: str | os.PathLike[str] | Blip2QFormer
     mismatch = [k for k, v in shared.items() if own[k].shape != v.shape]
     if mismatch:
         raise ValueError(f"stage-1 checkpoint does not fit this stage-2 model: {mismatch[:5]}")
+    image_side = [k for k in own if not k.startswith(("language_model.", "language_projection."))]
+    missing = [k for k in image_side if k not in shared]
+    if missing:
+        raise ValueError(f"the stage-1 model lacks image-side weights this stage-2 model needs: {missing[:5]}")
     with torch.no_grad():
         for k, v in shared.items():
             own[k].copy_(v)
@@ -236,81 +239,41 @@ def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
     return CachedFeatureDataset(dataset, features, bad)
 
 
-class Stage1Collate:
-    """BERT tokenisation ([CLS] text [SEP], right padding); cached features become ``image_features``."""
+def decoder_head_ids(model: Blip2) -> list[int]:
+    """The ids every stage-2 row of a decoder-only LLM starts with: its BOS, with the image placeholders where
+    inference puts them (`blip2.inference.tasks.with_placeholders`: in front, or after BOS with
+    ``LLMConfig.visual_prompt_after_bos``; none when the visual prompt is prepended as embeddings)."""
+    from blip2.inference.tasks import with_placeholders
 
-    def __init__(self, tokenizer: Any, max_length: int = 32) -> None:
-        self.inner = ImageTextCollator(tokenizer, max_length=max_length, padding_side="right")
-
-    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
-        batch = self.inner(samples)
-        _features_key(batch)
-        batch.pop("target_mask", None)
-        return batch
+    bos = getattr(model.language_model.config, "bos_token_id", None)
+    return with_placeholders(model, [bos] if bos is not None else [])
 
 
-class DecoderCollate:
-    """Stage 2, decoder-only LLM: ``prompt + caption + stop``; labels on the caption and the stop token only.
-    ``stop_text``: the text of the token generation stops on (`blip2.llm.stop_text`; None: the tokenizer's EOS)."""
-
-    def __init__(self, tokenizer: Any, max_length: int = 32, prompt: str = "", stop_text: str | None = None) -> None:
-        self.inner = ImageTextCollator(
-            tokenizer, max_length=max_length, prompt=prompt, append_eos=True, padding_side="right", eos_text=stop_text
-        )
-
-    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
-        batch = self.inner(samples)
-        _features_key(batch)
-        target = batch.pop("target_mask").bool()
-        batch["labels"] = batch["input_ids"].masked_fill(~target, -100)
-        return batch
-
-
-class PrefixLMCollate:
-    """Stage 2, encoder-decoder LLM (prefix LM): each caption is split at a random word; the prefix goes
-    with the visual prompt into the encoder, the suffix is the decoder's target."""
-
-    def __init__(self, tokenizer: Any, max_length: int = 32, seed: int = 0) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.inner = ImageTextCollator(tokenizer, max_length=max_length, padding_side="right")
-        self.rng = random.Random(seed)
-
-    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
-        kept = [s for s in samples if isinstance(s, Mapping)]
-        prefixes, suffixes = [], []
-        for s in kept:
-            words = str(s["text"]).split()
-            cut = self.rng.randint(0, max(0, len(words) - 1))  # the suffix keeps at least one word
-            prefixes.append(" ".join(words[:cut]))
-            suffixes.append(" ".join(words[cut:]))
-        batch = self.inner([{**s, "text": p} for s, p in zip(kept, prefixes, strict=True)])
-        _features_key(batch)
-        batch.pop("target_mask", None)
-        batch["skipped"] = len(samples) - len(kept)
-        target = self.tokenizer(
-            suffixes, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        batch["labels"] = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
-        return batch
-
-
-def _features_key(batch: dict[str, Any]) -> None:
-    """Cached features (B, P, Dv) arrive where pixels would; the model takes them as ``image_features``."""
-    if batch["pixel_values"].dim() == 3:
-        batch["image_features"] = batch.pop("pixel_values")
-
-
-def build_collate(section: Mapping[str, Any], model: Blip2 | Blip2QFormer) -> Callable[[list[Any]], dict]:
+def collate_for_model(
+    model: Blip2 | Blip2QFormer, max_length: int = 32, prompt: str = "", seed: int = 0
+) -> Callable[[list[Any]], dict]:
+    """The batches ``model`` trains on: `Stage1Collate` for a stage-1 model; for stage 2, `DecoderCollate`
+    (decoder-only LLM, ``prompt`` before each caption) or `PrefixLMCollate` (encoder-decoder, split drawn
+    from ``seed``)."""
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: set model.tokenizer (or model.qformer_init / llm.model_id)")
-    max_length = int(section.get("max_length", 32))
     if isinstance(model, Blip2QFormer):
         return Stage1Collate(model.tokenizer, max_length)
     if model.is_encoder_decoder:
-        return PrefixLMCollate(model.tokenizer, max_length, seed=int(section.get("seed", 0)))
-    stop = stop_text(model.config.llm, model.tokenizer)  # the token generation stops on ends every target
-    return DecoderCollate(model.tokenizer, max_length, prompt=str(section.get("prompt", "")), stop_text=stop)
+        return PrefixLMCollate(model.tokenizer, max_length, seed=seed)
+    assert model.config.llm is not None  # a stage-2 model
+    stop = stop_token_id(model.config.llm)  # the token generation stops on ends every target
+    return DecoderCollate(model.tokenizer, max_length, prompt=prompt, head_ids=decoder_head_ids(model), stop_id=stop)
+
+
+def build_collate(section: Mapping[str, Any], model: Blip2 | Blip2QFormer) -> Callable[[list[Any]], dict]:
+    """`collate_for_model` with the recipe's ``data`` section (``max_length``, ``prompt``, ``seed``)."""
+    return collate_for_model(
+        model,
+        int(section.get("max_length", 32)),
+        prompt=str(section.get("prompt", "")),
+        seed=int(section.get("seed", 0)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
