@@ -20,13 +20,11 @@ from blip2.data.datasets import (
     ImageTextDataset,
     SkippedSample,
     VQADataset,
-    WebDatasetShards,
-    expand_urls,
     read_annotations,
-    write_webdataset_shards,
 )
 from blip2.data.feature_cache import CachedFeatureDataset
 from blip2.data.transforms import ImageProcessor, TrainTransform, swap_left_right
+from blip2.data.webdataset import WebDatasetShards, expand_urls, write_webdataset_shards
 from blip2.data.word_tokenizers import tiny_llm_tokenizer
 
 SIZE = 16

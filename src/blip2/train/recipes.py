@@ -166,7 +166,8 @@ def _rank0_first(
 
 def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_dir: Path) -> tuple[Any, dict]:
     """The training dataset and the generators the loop must checkpoint (for exact resume)."""
-    from blip2.data.datasets import CocoCaptionsDataset, ImageTextDataset, WebDatasetShards
+    from blip2.data.datasets import CocoCaptionsDataset, ImageTextDataset
+    from blip2.data.webdataset import WebDatasetShards
 
     kind = section.get("kind", "jsonl")
     vcfg = model.config.vision
