@@ -39,7 +39,7 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
 
 def test_no_module_over_the_size_limit() -> None:
     """Files stay readable: none over 500 lines (the few that are longer say why in their docstring)."""
-    allowed: set[str] = set()
+    allowed = {"src/blip2/model.py"}  # both models side by side; its docstring says why
     long = {
         str(path.relative_to(ROOT)): n
         for path in (ROOT / "src").rglob("*.py")

@@ -23,11 +23,6 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.unsqueeze(1)
 
 
-def padding_allowed(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """Key padding mask (B, Lk) of 1/0 → boolean (B, Lq, Lk): every query position sees every real key."""
-    return attention_mask.bool()[:, None, :].expand(-1, query_len, -1)
-
-
 class Attention(nn.Module):
     """Multi-head attention + output projection + dropout + residual + LayerNorm (BERT's post-LN block).
 

@@ -6,6 +6,9 @@
 Both share the image side (`_ImageQueryModel`): frozen encoder → ``ln_vision`` → Q-Former queries.
 Attribute names follow transformers' port (``vision_model``, ``query_tokens``, ``qformer``,
 ``language_projection``, ``language_model``) so checkpoint maps stay short.
+
+(A little over the project's 500-line guide on purpose: the two models share their image side and their
+stage-1/stage-2 split is easiest to follow side by side, as in the paper's Figure 2 and 3.)
 """
 
 from __future__ import annotations
@@ -118,9 +121,6 @@ class _ImageQueryModel(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         self.qformer.gradient_checkpointing = True
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # Loading and saving live in blip2.checkpoints (loading: every source format; ours: this project's
     # directory format); these are the entry points.

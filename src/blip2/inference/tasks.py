@@ -60,9 +60,8 @@ def llm_prompt_ids(model: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, to
     → (input_ids (B, L), attention_mask (B, L))
     """
     tok = _tokenizer(model)
+    # T5's tokenizer adds no BOS and appends EOS, as the official processor does; OPT's adds BOS in front.
     rows = [with_placeholders(model, tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    if model.is_encoder_decoder:  # T5: no BOS; the tokenizer appends EOS, as the official processor does
-        pass
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
