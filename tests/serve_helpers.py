@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import threading
 import time
 from typing import Any
 
 import httpx
+from conftest import image_bytes
 from fastapi import FastAPI
 from PIL import Image
 
 
 def png(size: tuple[int, int] = (48, 40), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
+    return image_bytes(size, colour, "PNG")
 
 
 def b64(data: bytes) -> str:

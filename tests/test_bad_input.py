@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,8 @@ from blip2.testing import make_tiny_model, zero_key_bias
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(d, llm="opt")
-    return d
+def tiny_dir(tiny_model_dir: Callable[[str | None], Path]) -> Path:
+    return tiny_model_dir("opt")
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +32,27 @@ def tiny(tiny_dir: Path) -> Blip2:
     return Blip2.from_pretrained(tiny_dir)
 
 
-def _jpeg(tmp: Path, name: str = "ok.jpg", mode: str = "RGB") -> Path:
-    path = tmp / name
-    Image.new(mode, (40, 30), (10, 200, 30, 0)[: len(mode)] if mode != "RGB" else (10, 200, 30)).save(path, "JPEG")
-    return path
-
-
-def test_truncated_jpeg_names_the_file(tmp_path: Path, tiny: Blip2) -> None:
-    good = _jpeg(tmp_path)
+def test_truncated_jpeg_names_the_file(image_file: Callable[..., Path], tmp_path: Path, tiny: Blip2) -> None:
+    good = image_file()
     bad = tmp_path / "truncated.jpg"
     bad.write_bytes(good.read_bytes()[:200])
     with pytest.raises(ImageError, match="truncated.jpg"):
         tiny.caption([bad], max_new_tokens=3)
 
 
-def test_non_image_file(tmp_path: Path, tiny: Blip2) -> None:
+def test_non_image_file(image_file: Callable[..., Path], tmp_path: Path, tiny: Blip2) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     with pytest.raises(ImageError, match="notes.txt"):
         tiny.caption([notes], max_new_tokens=3)
 
 
-def test_odd_images_are_handled(tmp_path: Path, tiny: Blip2) -> None:
+def test_odd_images_are_handled(image_file: Callable[..., Path], tmp_path: Path, tiny: Blip2) -> None:
     rgba = tmp_path / "alpha.png"
     Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(rgba)
     one = tmp_path / "one.png"
     Image.new("RGB", (1, 1), (0, 0, 255)).save(one)
-    cmyk = _jpeg(tmp_path, "cmyk.jpg", mode="CMYK")
+    cmyk = image_file("cmyk.jpg", mode="CMYK")
     captions = tiny.caption([rgba, one, cmyk], max_new_tokens=3, num_beams=1)
     assert len(captions) == 3
 
@@ -152,15 +145,19 @@ def test_pickled_object_is_refused(tmp_path: Path) -> None:
         Blip2QFormer.from_pretrained(path, config=tiny_config(None))
 
 
-def test_unknown_model_name_in_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    image = _jpeg(tmp_path)
+def test_unknown_model_name_in_cli(
+    image_file: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    image = image_file()
     code = main(["caption", str(image), "--model", "not-a-model-dir"])
     assert code == 2
     assert "checkpoint 'not-a-model-dir' does not exist" in capsys.readouterr().err
 
 
-def test_cli_caption_and_ask_json(capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path) -> None:
-    image = _jpeg(tmp_path)
+def test_cli_caption_and_ask_json(
+    image_file: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path
+) -> None:
+    image = image_file()
     assert main(["caption", str(image), str(image), "--model", str(tiny_dir), "--json", "--max-new-tokens", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in result] == [str(image)] * 2 and all(isinstance(r["caption"], str) for r in result)
@@ -202,7 +199,11 @@ def test_bytes_and_pil_inputs(tiny: Blip2) -> None:
 
 
 def test_cli_packs_frozen_weights_by_default_with_the_same_output(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+    image_file: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`blip2 caption`/`ask` pre-pack the frozen weights on CPU (inference only); --no-optimize keeps them
     plain; both print the same captions and answers."""
@@ -219,7 +220,7 @@ def test_cli_packs_frozen_weights_by_default_with_the_same_output(
         return packed_counts[-1]
 
     monkeypatch.setattr(fast_generate, "optimize_for_cpu_inference", spy)
-    image = _jpeg(tmp_path)
+    image = image_file()
     outputs = []
     for extra in ([], ["--no-optimize"]):
         caption = ["caption", str(image), "--model", str(tiny_dir), "--json", "--max-new-tokens", "5"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+from conftest import run_torchrun
 
 from blip2 import losses
 from blip2.config import tiny_config
@@ -260,29 +264,15 @@ def test_itg_generation_greedy_matches_stepwise_argmax() -> None:
     assert beams.shape[0] == 2
 
 
+@pytest.mark.multiprocess
 def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # noqa: ANN001
     """ITC over a global batch split on 2 gloo ranks (gradients averaged as DDP does) gives the gradients of
     the 1-process loss on the whole batch (tolerance 1e-6), for an even split and for an uneven one (one rank
     dropped samples), with the other side's features gathered without gradient (LAVIS) and with it; a full
     stage-1 step runs on the uneven split."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).with_name("helpers_ddp_itc.py")
     out = tmp_path / "grads.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-6000:]
+    run_torchrun(script, str(out))
     ddp = torch.load(out, weights_only=True)
 
     g = torch.Generator().manual_seed(0)

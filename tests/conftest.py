@@ -1,0 +1,105 @@
+"""Shared test fixtures: image files and bytes, tiny model directories, and the torchrun launcher.
+
+Markers (pyproject.toml) sort tests by cost: ``slow`` (minutes; not in the default run), ``multiprocess``
+(gloo / torchrun subprocesses), ``browser`` (headless Chromium). The fast core runs in about a minute:
+``pytest -m "not slow and not multiprocess and not browser"``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+Colour = tuple[int, ...] | str
+
+
+def image_bytes(
+    size: tuple[int, int] = (48, 40), colour: Colour = (200, 30, 30), fmt: str = "PNG", mode: str = "RGB"
+) -> bytes:
+    """An encoded image of one colour (e.g. ``image_bytes(fmt="JPEG")``)."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Callable[..., Path]:
+    """``image_file(name="ok.jpg", size=(40, 30), colour=(10, 200, 30), mode="RGB")``: a one-colour image file
+    in the test's folder, encoded by the name's extension."""
+
+    def make(
+        name: str = "ok.jpg", size: tuple[int, int] = (40, 30), colour: Colour = (10, 200, 30), mode: str = "RGB"
+    ) -> Path:
+        path = tmp_path / name
+        if mode != "RGB" and isinstance(colour, tuple):
+            colour = (colour + (0,) * 4)[: len(mode)]
+        Image.new(mode, size, colour).save(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str | None], Path]:
+    """``tiny_model_dir("opt" | "t5" | None)``: a saved tiny random model (stage 2 with that LLM, or stage 1),
+    made once per session; treat it as read-only."""
+    from blip2.testing import make_tiny_model
+
+    made: dict[str | None, Path] = {}
+
+    def get(llm: str | None = "opt") -> Path:
+        if llm not in made:
+            made[llm] = tmp_path_factory.mktemp(f"tiny-{llm or 'stage1'}")
+            make_tiny_model(made[llm], llm=llm)
+        return made[llm]
+
+    return get
+
+
+def torchrun_command(script: str | Path, *args: str, nproc: int = 2) -> list[str]:
+    """The command that runs ``script`` under ``torch.distributed.run`` on ``nproc`` local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(script),
+        *args,
+    ]
+
+
+def src_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that must import this checkout's ``blip2`` (its ``src`` first)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else ""), **extra}
+
+
+def run_torchrun(
+    script: str | Path, *args: str, nproc: int = 2, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` under torchrun and fail with every rank's error lines if it does not exit 0."""
+    done = subprocess.run(
+        torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=src_env()
+    )
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+        pytest.fail(f"torchrun exited {done.returncode}:\n" + "\n".join(errors[-40:]) + "\n" + done.stderr[-3000:])
+    return done
+
+
+def assert_one_line(text: str, *words: Sequence[str] | str) -> None:
+    """An error output that is exactly one line, holding every one of ``words`` and no traceback."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in text, text
+    for word in words:
+        assert str(word) in lines[0], lines[0]
