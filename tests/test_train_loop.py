@@ -19,18 +19,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_train_toy import ToyDataset, ToyRegressor, build, collate  # noqa: E402
 
-from blip2.train.loop import (  # noqa: E402
-    TrainConfig,
-    apply_overrides,
-    build_optimizer,
-    build_scheduler,
-    find_checkpoint,
-    load_checkpoint,
-    load_config,
-    lr_at,
-    run_training,
-    split_decay_params,
-)
+from blip2.train.config import TrainConfig, TrainConfigError, apply_overrides, load_config  # noqa: E402
+from blip2.train.loop import run_training  # noqa: E402
+from blip2.train.optim import build_optimizer, build_scheduler, lr_at, split_decay_params  # noqa: E402
+from blip2.train.state import OutputDirError, load_checkpoint, resume_checkpoint  # noqa: E402
 
 HELPER = Path(__file__).resolve().parent / "helpers_train_toy.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +113,10 @@ def test_no_decay_param_groups() -> None:
     assert sorted(no_decay) == sorted(
         ["query_tokens", "embeddings.weight", "ln_vision.weight", "ln_vision.bias", "proj.bias", "temp"]
     )
-    decay, _ = split_decay_params(_Named(), decay_embeddings=True)  # LAVIS's rule
-    assert sorted(decay) == ["embeddings.weight", "proj.weight", "query_tokens"]
+    # LAVIS's rule (blip2.py get_optimizer_params): exempt only 1-d params and ".bias"; the 0-d temp is decayed
+    decay, no_decay = split_decay_params(_Named(), "lavis")
+    assert sorted(decay) == ["embeddings.weight", "proj.weight", "query_tokens", "temp"]
+    assert sorted(no_decay) == ["ln_vision.bias", "ln_vision.weight", "proj.bias"]
 
     opt = build_optimizer(_Named(), TrainConfig(weight_decay=0.05))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
@@ -194,9 +188,9 @@ def test_frozen_params_unchanged_and_loss_falls(tmp_path: Path) -> None:
 
     # The checkpoint holds only trainable state, loads with weights_only, and a torn write is ignored.
     (tmp_path / "checkpoints" / ".step_00000099.pt.tmp").write_bytes(b"half a checkpoint")
-    latest = find_checkpoint(True, tmp_path)
-    assert latest is not None and latest.name == "step_00000080.pt"
-    state = load_checkpoint(latest)
+    found = resume_checkpoint(True, tmp_path)
+    assert found is not None and found[0].name == "step_00000080.pt"
+    state = found[1]
     assert state["step"] == 80 and not any(k.startswith("encoder.") for k in state["model"])
     assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda", "generators"}
     # 36 samples -> 4 batches of 8 per epoch; epoch 19 is used up, epoch 20 not yet started.
@@ -213,7 +207,7 @@ def test_resumed_run_at_max_steps_is_a_no_op(tmp_path: Path) -> None:
     assert again == first
     for key, value in model.state_dict().items():
         assert torch.equal(model2.state_dict()[key], value)
-    with pytest.raises(FileExistsError, match="pass resume=true"):  # a fresh run must not clobber it
+    with pytest.raises(OutputDirError, match="pass resume=true"):  # a fresh run must not clobber it
         run_training(_cfg(tmp_path, max_steps=3), ToyRegressor(), ToyDataset(), collate)
 
 
@@ -342,8 +336,8 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
     recipe = tmp_path / "stage1.yaml"
     recipe.write_text(
         "output_dir: runs/x\nmax_steps: 100\nlr: 1e-4\nprecision: bf16\n"
-        "model:\n  preset: tiny\n  qformer:\n    num_hidden_layers: 12\n"
-        "data:\n  path: /data/coco\n"
+        "model:\n  preset: tiny\n  stage: 1\n"
+        "data:\n  kind: coco\n  annotations: /data/coco.json\n  shuffle: 10\n"
     )
     cfg = load_config(
         recipe,
@@ -352,20 +346,23 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
             "max_steps=7",
             "betas=[0.9, 0.99]",
             "resume=true",
-            "model.qformer.num_hidden_layers=2",
-            "data.extra.shards=4",
+            "model.stage=2",
+            "data.max_length=16",
         ],
     )
     assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)  # YAML reads 1e-4 as a string: coerced
     assert cfg.max_steps == 7 and cfg.betas == (0.9, 0.99) and cfg.resume is True
-    assert cfg.model == {"preset": "tiny", "qformer": {"num_hidden_layers": 2}}
-    assert cfg.data == {"path": "/data/coco", "extra": {"shards": 4}}
+    assert cfg.model.preset == "tiny" and cfg.model.stage == 2
+    assert cfg.data.kind == "coco" and cfg.data.max_length == 16
+    assert cfg.data.shuffle_buffer == 10  # the old name of the webdataset shuffle buffer is still read
     assert apply_overrides(cfg, ["resume=runs/x/checkpoints"]).resume == "runs/x/checkpoints"
 
-    with pytest.raises(KeyError, match="'learning_rate'"):
+    with pytest.raises(TrainConfigError, match="'learning_rate'"):
         load_config(recipe, ["learning_rate=1"])
-    with pytest.raises(KeyError, match="'lr' has no sub-keys"):
+    with pytest.raises(TrainConfigError, match="only model.<key> and data.<key>"):
         load_config(recipe, ["lr.x=1"])
+    with pytest.raises(TrainConfigError, match="unknown training option model.'qformer'"):
+        load_config(recipe, ["model.qformer=2"])  # was silently ignored by the recipe builder
     with pytest.raises(ValueError, match="not of the form key=value"):
         load_config(recipe, ["lr"])
     with pytest.raises(ValueError, match="max_steps must be an integer"):
@@ -374,7 +371,7 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_config(recipe, ["precision=fp8"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 10\n")
-    with pytest.raises(KeyError, match="unknown training option 'max_step' in .*bad.yaml"):
+    with pytest.raises(TrainConfigError, match="unknown training option 'max_step' in .*bad.yaml"):
         load_config(bad)
 
 
