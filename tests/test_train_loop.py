@@ -19,8 +19,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_train_toy import ToyDataset, ToyRegressor, build, collate  # noqa: E402
 
+from blip2.checkpoints import CheckpointError  # noqa: E402
 from blip2.train.config import TrainConfig, TrainConfigError, apply_overrides, load_config  # noqa: E402
-from blip2.train.loop import run_training  # noqa: E402
+from blip2.train.loop import TrainDataError, TrainingDivergedError, run_training  # noqa: E402
 from blip2.train.optim import build_optimizer, build_scheduler, lr_at, split_decay_params  # noqa: E402
 from blip2.train.state import OutputDirError, load_checkpoint, resume_checkpoint  # noqa: E402
 
@@ -403,3 +404,147 @@ def test_iterable_dataset_runs_across_epochs(tmp_path: Path) -> None:
     metrics = run_training(_cfg(tmp_path, max_steps=5), ToyRegressor(), Stream(), collate)
     assert metrics["step"] == 5  # 2 batches of 4 per pass (tail dropped): three passes
     assert load_checkpoint(tmp_path / "checkpoints" / "step_00000005.pt")["data"]["epoch"] == 2
+
+
+# ------------------------------------------------------------------------- failures a user can cause
+
+
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated newest checkpoint (disk full, a bad copy) is passed over, with a warning naming it, for the
+    newest one that loads; with every checkpoint damaged, resume fails in one line naming the folder."""
+    model, dataset = build()
+    run_training(_cfg(tmp_path, max_steps=4, save_every=2), model, dataset, collate)
+    ckpts = tmp_path / "checkpoints"
+    latest = ckpts / "step_00000004.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated mid-write by something outside our control
+
+    model2, dataset2 = build()
+    with caplog.at_level("WARNING"):
+        metrics = run_training(_cfg(tmp_path, max_steps=6, save_every=2, resume=True), model2, dataset2, collate)
+    assert metrics["step"] == 6
+    assert any("step_00000004.pt" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # resumed at 2: lines 3-4 of the first run dropped
+
+    for path in ckpts.glob("step_*.pt"):
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(CheckpointError, match="no valid checkpoint to resume from in .*checkpoints") as err:
+        run_training(_cfg(tmp_path, max_steps=8, resume=True), ToyRegressor(), ToyDataset(), collate)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="step_00000006.pt is unreadable"):  # a file named explicitly
+        resume_checkpoint(str(ckpts / "step_00000006.pt"), tmp_path)
+
+
+def test_divergence_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    model, dataset = build()
+    cfg = _cfg(tmp_path, max_steps=200, lr=1e6, min_lr=0.0, warmup_steps=0, save_every=1, log_every=5)
+    with pytest.raises(TrainingDivergedError) as err:
+        run_training(cfg, model, dataset, collate)
+    message = str(err.value)
+    assert "\n" not in message and "lower lr (now 1e+06)" in message and "warmup_steps" in message
+    assert "precision" not in message  # a CPU fp32 run: no precision advice
+    ckpts = sorted((tmp_path / "checkpoints").glob("step_*.pt"))
+    step = int(message.split("first non-finite loss at step ")[1].split(")")[0])
+    assert ckpts and ckpts[-1].name == f"step_{step - 1:08d}.pt" and f"kept {ckpts[-1]}" in message
+    state = load_checkpoint(ckpts[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())  # never overwritten with NaN weights
+
+
+def test_config_mistakes_raise_one_error_type(tmp_path: Path) -> None:
+    """What the CLI turns into one line: a YAML syntax error, a typo'd key (file or override), a bad device."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("max_steps: 10\nlr: [1e-4\n")
+    with pytest.raises(TrainConfigError, match=r"broken.yaml is not valid YAML: .* line \d+"):
+        load_config(broken)
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text("max_steps: 10\n")
+    with pytest.raises(TrainConfigError, match="unknown training option 'max_stepz' in overrides"):
+        load_config(recipe, ["max_stepz=2"])
+    with pytest.raises(TrainConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(TrainConfigError, match="'banana' is not a device"):
+        run_training(_cfg(tmp_path / "a", device="banana"), ToyRegressor(), ToyDataset(), collate)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainConfigError, match="no usable CUDA GPU: use device=cpu"):
+            run_training(_cfg(tmp_path / "b", device="cuda"), ToyRegressor(), ToyDataset(), collate)
+    assert not (tmp_path / "a").exists()  # checked before anything is written
+
+
+def test_bad_output_dirs_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="lies inside the file .*a_file"):
+        run_training(_cfg(blocker / "run"), ToyRegressor(), ToyDataset(), collate)
+    with pytest.raises(OutputDirError, match="a_file is a file, not a folder"):
+        run_training(_cfg(blocker), ToyRegressor(), ToyDataset(), collate)
+
+    def refuse(self: Path, data: bytes) -> int:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)  # as if the folder were read-only (tests may run as root)
+    with pytest.raises(OutputDirError, match="is not writable \\(Permission denied\\): choose a folder"):
+        run_training(_cfg(tmp_path / "ro"), ToyRegressor(), ToyDataset(), collate)
+
+
+def test_every_sample_unreadable_is_a_data_error(tmp_path: Path) -> None:
+    dataset = ToyDataset()
+    dataset.unreadable = frozenset(range(len(dataset)))
+    with pytest.raises(TrainDataError, match="no readable sample: check that the training images"):
+        run_training(_cfg(tmp_path), ToyRegressor(), dataset, collate)
+
+
+def test_lavis_epoch_cosine_schedule() -> None:
+    """LAVIS linear_warmup_cosine_lr: warm-up from warmup_lr in epoch 0 only (capped at the peak), then one
+    cosine value per epoch."""
+    kw = dict(lr=1e-4, min_lr=1e-5, warmup_steps=4, max_steps=30, warmup_start_lr=1e-6)
+    lavis = dict(kw, schedule="lavis_epoch_cosine", steps_per_epoch=10)
+    assert lr_at(0, **lavis) == pytest.approx(1e-6)  # LAVIS's first update runs at warmup_lr
+    assert lr_at(2, **lavis) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 2 / 4)
+    assert [lr_at(s, **lavis) for s in (4, 9)] == pytest.approx([1e-4, 1e-4])  # rest of epoch 0: the peak
+    epoch1 = 1e-5 + (1e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 1 / 3))
+    assert [lr_at(s, **lavis) for s in (10, 19)] == pytest.approx([epoch1, epoch1])  # constant in an epoch
+    assert lr_at(0, **kw) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 4)  # per step: warm-up from warmup_start_lr
+
+    cfg = TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=4, max_steps=30, lr_schedule="lavis_epoch_cosine")
+    with pytest.raises(TrainConfigError, match="set steps_per_epoch"):
+        build_scheduler(build_optimizer(nn.Linear(2, 2), cfg), cfg)  # streamed data has no length
+    opt = build_optimizer(nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    for step in range(25):
+        expected = lr_at(step, **dict(kw, warmup_start_lr=0.0), schedule="lavis_epoch_cosine", steps_per_epoch=10)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+        opt.step()
+        sched.step()
+
+
+def test_lavis_settings_reach_the_optimiser() -> None:
+    cfg = TrainConfig(betas=(0.9, 0.999), weight_decay_rule="lavis", grad_clip=None)
+    model = _Named()
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.temp) in decayed and id(model.query_tokens) in decayed
+    assert id(model.ln_vision.weight) not in decayed
+    with pytest.raises(TrainConfigError, match="grad_clip must be > 0 or null"):
+        TrainConfig(grad_clip=0)
+
+
+def test_deterministic_mode_is_on_during_the_run_and_restored_after(tmp_path: Path) -> None:
+    seen: list[bool] = []
+    assert not torch.are_deterministic_algorithms_enabled()
+    run_training(
+        _cfg(tmp_path, max_steps=2),
+        ToyRegressor(),
+        ToyDataset(),
+        collate,
+        callbacks=[lambda step, m: seen.append(torch.are_deterministic_algorithms_enabled())],
+    )
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+    seen.clear()
+    run_training(
+        _cfg(tmp_path / "b", max_steps=1, deterministic=False),
+        ToyRegressor(),
+        ToyDataset(),
+        collate,
+        callbacks=[lambda step, m: seen.append(torch.are_deterministic_algorithms_enabled())],
+    )
+    assert seen == [False]

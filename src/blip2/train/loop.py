@@ -183,7 +183,8 @@ def run_training(
 @dataclass
 class _Window:
     """Loss sums since the last log line (device tensors: no host sync per step), and the first step whose
-    loss or gradient norm was not finite (0: none yet; kept on the device too)."""
+    loss was not finite (0: none yet; kept on the device too). A non-finite gradient norm alone is not
+    divergence: AdamW's update stays finite, and fp16's GradScaler skips such steps by design."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
@@ -334,8 +335,6 @@ class _Loop:
                 self.window.add(key, value.detach().float() / accum)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip or math.inf)
-        if not self.scaler.is_enabled():  # fp16: the scaler skips updates with inf gradients itself
-            finite &= torch.isfinite(grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -371,15 +370,16 @@ class _Loop:
     def _diverged(self, what: str) -> TrainingDivergedError:
         """One line: the step, the last good checkpoint, and the knobs that help."""
         cfg = self.cfg
-        first = int(self.window.first_bad) if self.window.first_bad is not None else 0
+        first = int(self.window.first_bad) if self.window.first_bad is not None else 0  # first non-finite loss
         hints = [f"lower lr (now {cfg.lr:g})", f"lengthen warmup_steps (now {cfg.warmup_steps})"]
         if cfg.grad_clip is None:
             hints.append("set grad_clip (e.g. 1.0)")
         if self.device.type == "cuda" and cfg.precision != "fp32":
             hints.append("use precision=" + ("bf16 or fp32" if cfg.precision == "fp16" else "fp32"))
         kept = f"kept {self.last_saved}" if self.last_saved is not None else "no checkpoint was written yet"
+        where = f" (first non-finite loss at step {first})" if first else ""
         return TrainingDivergedError(
-            f"training diverged: {what} at step {first or self.step}; {kept}; {', '.join(hints[:-1])} or {hints[-1]}"
+            f"training diverged: {what}{where}; {kept}; {', '.join(hints[:-1])} or {hints[-1]}"
         )
 
     def _log(self, lr: float, grad_norm: torch.Tensor) -> None:
@@ -396,16 +396,20 @@ class _Loop:
             "elapsed_s": self.elapsed_before + now - self.started,
         }
         if not math.isfinite(metrics["loss"]):
-            raise self._diverged(f"the loss is {metrics['loss']}")
+            raise self._diverged(
+                f"the mean loss of steps {self.step - window.steps + 1}-{self.step} is {metrics['loss']}"
+            )
         self.metrics, self.window = metrics, _Window()
         if self.info.is_main:
             append_metrics(self.metrics_path, self.metrics)
 
     def _save(self) -> None:
         """Gather every rank's RNG state (a collective), then rank 0 writes the checkpoint atomically.
-        Weights that are no longer finite are never saved: the last good checkpoint stays the newest."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.trainable):  # same on every rank (DDP)
-            raise self._diverged("the weights are NaN/inf")
+        Nothing is saved after a non-finite loss (on any rank: one small all-reduce) or with weights that are
+        no longer finite: the last good checkpoint stays the newest."""
+        bad_loss = self.window.first_bad is not None and bool(all_reduce_mean((self.window.first_bad > 0).float()) > 0)
+        if bad_loss or not all(bool(torch.isfinite(p).all()) for p in self.trainable):  # weights: equal on all ranks
+            raise self._diverged(f"not saving step {self.step}: the loss or the weights are NaN/inf")
         rng_states = all_gather_objects(capture_rng_state(self.generators, self.device))
         path = checkpoint_path(self.out_dir, self.step)
         if self.info.is_main:
