@@ -24,11 +24,21 @@ this rank's CUDA device, the named generators) and the data position: the epoch 
 samples consumed in it. The sampler's order is a pure function of ``(seed, epoch)``, so a resumed run
 rebuilds the epoch's permutation and skips what was consumed; DataLoaders draw from their own seeded
 generator, never from the global RNG, so creating one mid-epoch does not shift dropout. On CPU with
-``num_workers=0`` a run killed at any point and resumed ends bit-identical to an uninterrupted one. With
+``num_workers=0``, on one machine and torch build with one thread count (the default is fine), two runs of one
+config end bit-identical, and so does a run killed at any point and resumed. ``deterministic=True`` (the
+default) runs the loop under ``torch.use_deterministic_algorithms(True, warn_only=True)`` to keep it so for
+the kernels torch knows to be non-deterministic (on CUDA, e.g. scatter/index_add); the caller's setting is
+restored afterwards. With
 ``num_workers > 0`` the data order is still exact, but augmentation runs in worker processes whose RNGs are
 seeded per epoch, not checkpointed: a resumed epoch draws different augmentation unless the dataset derives
 its randomness from the sample index and epoch (``set_epoch(epoch)`` is called when the dataset has it).
 Multi-process runs assume ``output_dir`` is on a filesystem every rank can read.
+
+Failures. ``output_dir`` and ``device`` are checked before anything is built (`OutputDirError`,
+`TrainConfigError`). ``resume`` verifies the checkpoint it picks and falls back to the newest one that loads
+(`CheckpointError` when none does). A non-finite loss stops the run with `TrainingDivergedError` naming the
+step and the knobs; no checkpoint is written after it, so the newest one on disk is the last good one. Data
+that yields no readable sample for ``MAX_EMPTY_BATCHES`` micro-batches raises `TrainDataError`.
 
 Equivalence notes. Gradients are ``mean over micro-steps of (per-process mean loss)`` averaged over ranks by
 DDP. That equals the mean over the global batch (``batch_size * world_size * grad_accum_steps``) only

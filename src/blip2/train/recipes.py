@@ -329,6 +329,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     models are built. The recipe's training switches (``model.temp_clamp``, ``model.frozen_llm_train_mode``)
     also apply to a ``model`` passed in.
     """
+    if isinstance(cfg.model, Mapping):  # sections assigned as plain mappings after construction
+        cfg.model = from_mapping(ModelSection, cfg.model, "model")
+    if isinstance(cfg.data, Mapping):
+        cfg.data = from_mapping(DataSection, cfg.data, "data")
     check_device(cfg.device)
     prepare_output_dir(cfg.output_dir, cfg.resume)
     if model is None:
