@@ -457,7 +457,9 @@ def test_config_mistakes_raise_one_error_type(tmp_path: Path) -> None:
         load_config(broken)
     recipe = tmp_path / "ok.yaml"
     recipe.write_text("max_steps: 10\n")
-    with pytest.raises(TrainConfigError, match="unknown training option 'max_stepz' in overrides"):
+    with pytest.raises(
+        TrainConfigError, match="unknown training option 'max_stepz' in overrides; did you mean max_steps"
+    ):
         load_config(recipe, ["max_stepz=2"])
     with pytest.raises(TrainConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -356,3 +356,25 @@ def test_recipe_model_section_errors_and_stage1_init_from(tmp_path: Path, monkey
     cfg.device = "banana"
     with pytest.raises(TrainConfigError, match="not a device"):
         recipes.train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "overrides", "expected"),
+    [
+        ("max_step: 10\n", [], "unknown training option 'max_step' in"),
+        ("max_steps: 10\n", ["max_stepz=2"], "unknown training option 'max_stepz' in overrides"),
+        ("max_steps: [10\n", [], "is not valid YAML"),
+        ("max_steps: 10\n", ["device=banana"], "'banana' is not a device"),
+        ("model:\n  stage: 1\n  preset: tiny-stage1\n  shuffle: 3\n", [], "unknown training option model.'shuffle'"),
+    ],
+)
+def test_cli_train_config_mistakes_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe_text: str, overrides: list[str], expected: str
+) -> None:
+    from blip2.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    assert main(["train", "--config", str(recipe), f"output_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err, err

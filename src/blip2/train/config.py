@@ -8,6 +8,7 @@ or an override raises `TrainConfigError` (a ValueError) with one line naming the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import types
@@ -259,8 +260,10 @@ def from_mapping(kind: type[T], raw: Mapping[str, Any], where: str = "config", s
     if unknown:
         also = "" if len(unknown) == 1 else f" (also unknown: {', '.join(unknown[1:])})"
         in_source = f" in {source}" if source else ""
+        close = difflib.get_close_matches(unknown[0], list(hints), n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
         raise TrainConfigError(
-            f"unknown training option {prefix}{unknown[0]!r}{in_source}{also}; "
+            f"unknown training option {prefix}{unknown[0]!r}{in_source}{also}; {hint}"
             f"known options: {', '.join(sorted(hints))}"
         )
     values = {k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in raw.items()}
