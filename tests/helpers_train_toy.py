@@ -101,7 +101,8 @@ def build(dropout: float = 0.0, augment: bool = False, num_samples: int = 36) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from blip2.train.loop import TrainConfig, run_training
+    from blip2.train.config import TrainConfig
+    from blip2.train.loop import run_training
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

@@ -19,18 +19,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_train_toy import ToyDataset, ToyRegressor, build, collate  # noqa: E402
 
-from blip2.train.loop import (  # noqa: E402
-    TrainConfig,
-    apply_overrides,
-    build_optimizer,
-    build_scheduler,
-    find_checkpoint,
-    load_checkpoint,
-    load_config,
-    lr_at,
-    run_training,
-    split_decay_params,
-)
+from blip2.checkpoints import CheckpointError  # noqa: E402
+from blip2.train.config import TrainConfig, TrainConfigError, apply_overrides, load_config  # noqa: E402
+from blip2.train.loop import TrainDataError, TrainingDivergedError, run_training  # noqa: E402
+from blip2.train.optim import build_optimizer, build_scheduler, lr_at, split_decay_params  # noqa: E402
+from blip2.train.state import OutputDirError, load_checkpoint, resume_checkpoint  # noqa: E402
 
 HELPER = Path(__file__).resolve().parent / "helpers_train_toy.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +114,10 @@ def test_no_decay_param_groups() -> None:
     assert sorted(no_decay) == sorted(
         ["query_tokens", "embeddings.weight", "ln_vision.weight", "ln_vision.bias", "proj.bias", "temp"]
     )
-    decay, _ = split_decay_params(_Named(), decay_embeddings=True)  # LAVIS's rule
-    assert sorted(decay) == ["embeddings.weight", "proj.weight", "query_tokens"]
+    # LAVIS's rule (blip2.py get_optimizer_params): exempt only 1-d params and ".bias"; the 0-d temp is decayed
+    decay, no_decay = split_decay_params(_Named(), "lavis")
+    assert sorted(decay) == ["embeddings.weight", "proj.weight", "query_tokens", "temp"]
+    assert sorted(no_decay) == ["ln_vision.bias", "ln_vision.weight", "proj.bias"]
 
     opt = build_optimizer(_Named(), TrainConfig(weight_decay=0.05))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
@@ -194,9 +189,9 @@ def test_frozen_params_unchanged_and_loss_falls(tmp_path: Path) -> None:
 
     # The checkpoint holds only trainable state, loads with weights_only, and a torn write is ignored.
     (tmp_path / "checkpoints" / ".step_00000099.pt.tmp").write_bytes(b"half a checkpoint")
-    latest = find_checkpoint(True, tmp_path)
-    assert latest is not None and latest.name == "step_00000080.pt"
-    state = load_checkpoint(latest)
+    found = resume_checkpoint(True, tmp_path)
+    assert found is not None and found[0].name == "step_00000080.pt"
+    state = found[1]
     assert state["step"] == 80 and not any(k.startswith("encoder.") for k in state["model"])
     assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda", "generators"}
     # 36 samples -> 4 batches of 8 per epoch; epoch 19 is used up, epoch 20 not yet started.
@@ -213,7 +208,7 @@ def test_resumed_run_at_max_steps_is_a_no_op(tmp_path: Path) -> None:
     assert again == first
     for key, value in model.state_dict().items():
         assert torch.equal(model2.state_dict()[key], value)
-    with pytest.raises(FileExistsError, match="pass resume=true"):  # a fresh run must not clobber it
+    with pytest.raises(OutputDirError, match="pass resume=true"):  # a fresh run must not clobber it
         run_training(_cfg(tmp_path, max_steps=3), ToyRegressor(), ToyDataset(), collate)
 
 
@@ -342,8 +337,8 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
     recipe = tmp_path / "stage1.yaml"
     recipe.write_text(
         "output_dir: runs/x\nmax_steps: 100\nlr: 1e-4\nprecision: bf16\n"
-        "model:\n  preset: tiny\n  qformer:\n    num_hidden_layers: 12\n"
-        "data:\n  path: /data/coco\n"
+        "model:\n  preset: tiny\n  stage: 1\n"
+        "data:\n  kind: coco\n  annotations: /data/coco.json\n  shuffle: 10\n"
     )
     cfg = load_config(
         recipe,
@@ -352,20 +347,23 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
             "max_steps=7",
             "betas=[0.9, 0.99]",
             "resume=true",
-            "model.qformer.num_hidden_layers=2",
-            "data.extra.shards=4",
+            "model.stage=2",
+            "data.max_length=16",
         ],
     )
     assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)  # YAML reads 1e-4 as a string: coerced
     assert cfg.max_steps == 7 and cfg.betas == (0.9, 0.99) and cfg.resume is True
-    assert cfg.model == {"preset": "tiny", "qformer": {"num_hidden_layers": 2}}
-    assert cfg.data == {"path": "/data/coco", "extra": {"shards": 4}}
+    assert cfg.model.preset == "tiny" and cfg.model.stage == 2
+    assert cfg.data.kind == "coco" and cfg.data.max_length == 16
+    assert cfg.data.shuffle_buffer == 10  # the old name of the webdataset shuffle buffer is still read
     assert apply_overrides(cfg, ["resume=runs/x/checkpoints"]).resume == "runs/x/checkpoints"
 
-    with pytest.raises(KeyError, match="'learning_rate'"):
+    with pytest.raises(TrainConfigError, match="'learning_rate'"):
         load_config(recipe, ["learning_rate=1"])
-    with pytest.raises(KeyError, match="'lr' has no sub-keys"):
+    with pytest.raises(TrainConfigError, match="only model.<key> and data.<key>"):
         load_config(recipe, ["lr.x=1"])
+    with pytest.raises(TrainConfigError, match="unknown training option model.'qformer'"):
+        load_config(recipe, ["model.qformer=2"])  # was silently ignored by the recipe builder
     with pytest.raises(ValueError, match="not of the form key=value"):
         load_config(recipe, ["lr"])
     with pytest.raises(ValueError, match="max_steps must be an integer"):
@@ -374,7 +372,7 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_config(recipe, ["precision=fp8"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 10\n")
-    with pytest.raises(KeyError, match="unknown training option 'max_step' in .*bad.yaml"):
+    with pytest.raises(TrainConfigError, match="unknown training option 'max_step' in .*bad.yaml"):
         load_config(bad)
 
 
@@ -406,3 +404,149 @@ def test_iterable_dataset_runs_across_epochs(tmp_path: Path) -> None:
     metrics = run_training(_cfg(tmp_path, max_steps=5), ToyRegressor(), Stream(), collate)
     assert metrics["step"] == 5  # 2 batches of 4 per pass (tail dropped): three passes
     assert load_checkpoint(tmp_path / "checkpoints" / "step_00000005.pt")["data"]["epoch"] == 2
+
+
+# ------------------------------------------------------------------------- failures a user can cause
+
+
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated newest checkpoint (disk full, a bad copy) is passed over, with a warning naming it, for the
+    newest one that loads; with every checkpoint damaged, resume fails in one line naming the folder."""
+    model, dataset = build()
+    run_training(_cfg(tmp_path, max_steps=4, save_every=2), model, dataset, collate)
+    ckpts = tmp_path / "checkpoints"
+    latest = ckpts / "step_00000004.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated mid-write by something outside our control
+
+    model2, dataset2 = build()
+    with caplog.at_level("WARNING"):
+        metrics = run_training(_cfg(tmp_path, max_steps=6, save_every=2, resume=True), model2, dataset2, collate)
+    assert metrics["step"] == 6
+    assert any("step_00000004.pt" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # resumed at 2: lines 3-4 of the first run dropped
+
+    for path in ckpts.glob("step_*.pt"):
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(CheckpointError, match="no valid checkpoint to resume from in .*checkpoints") as err:
+        run_training(_cfg(tmp_path, max_steps=8, resume=True), ToyRegressor(), ToyDataset(), collate)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="step_00000006.pt is unreadable"):  # a file named explicitly
+        resume_checkpoint(str(ckpts / "step_00000006.pt"), tmp_path)
+
+
+def test_divergence_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    model, dataset = build()
+    cfg = _cfg(tmp_path, max_steps=200, lr=1e6, min_lr=0.0, warmup_steps=0, save_every=1, log_every=5)
+    with pytest.raises(TrainingDivergedError) as err:
+        run_training(cfg, model, dataset, collate)
+    message = str(err.value)
+    assert "\n" not in message and "lower lr (now 1e+06)" in message and "warmup_steps" in message
+    assert "precision" not in message  # a CPU fp32 run: no precision advice
+    ckpts = sorted((tmp_path / "checkpoints").glob("step_*.pt"))
+    step = int(message.split("first non-finite loss at step ")[1].split(")")[0])
+    assert ckpts and ckpts[-1].name == f"step_{step - 1:08d}.pt" and f"kept {ckpts[-1]}" in message
+    state = load_checkpoint(ckpts[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())  # never overwritten with NaN weights
+
+
+def test_config_mistakes_raise_one_error_type(tmp_path: Path) -> None:
+    """What the CLI turns into one line: a YAML syntax error, a typo'd key (file or override), a bad device."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("max_steps: 10\nlr: [1e-4\n")
+    with pytest.raises(TrainConfigError, match=r"broken.yaml is not valid YAML: .* line \d+"):
+        load_config(broken)
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text("max_steps: 10\n")
+    with pytest.raises(
+        TrainConfigError, match="unknown training option 'max_stepz' in overrides; did you mean max_steps"
+    ):
+        load_config(recipe, ["max_stepz=2"])
+    with pytest.raises(TrainConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(TrainConfigError, match="'banana' is not a device"):
+        run_training(_cfg(tmp_path / "a", device="banana"), ToyRegressor(), ToyDataset(), collate)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainConfigError, match="no usable CUDA GPU: use device=cpu"):
+            run_training(_cfg(tmp_path / "b", device="cuda"), ToyRegressor(), ToyDataset(), collate)
+    assert not (tmp_path / "a").exists()  # checked before anything is written
+
+
+def test_bad_output_dirs_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="lies inside the file .*a_file"):
+        run_training(_cfg(blocker / "run"), ToyRegressor(), ToyDataset(), collate)
+    with pytest.raises(OutputDirError, match="a_file is a file, not a folder"):
+        run_training(_cfg(blocker), ToyRegressor(), ToyDataset(), collate)
+
+    def refuse(self: Path, data: bytes) -> int:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)  # as if the folder were read-only (tests may run as root)
+    with pytest.raises(OutputDirError, match="is not writable \\(Permission denied\\): choose a folder"):
+        run_training(_cfg(tmp_path / "ro"), ToyRegressor(), ToyDataset(), collate)
+
+
+def test_every_sample_unreadable_is_a_data_error(tmp_path: Path) -> None:
+    dataset = ToyDataset()
+    dataset.unreadable = frozenset(range(len(dataset)))
+    with pytest.raises(TrainDataError, match="no readable sample: check that the training images"):
+        run_training(_cfg(tmp_path), ToyRegressor(), dataset, collate)
+
+
+def test_lavis_epoch_cosine_schedule() -> None:
+    """LAVIS linear_warmup_cosine_lr: warm-up from warmup_lr in epoch 0 only (capped at the peak), then one
+    cosine value per epoch."""
+    kw = dict(lr=1e-4, min_lr=1e-5, warmup_steps=4, max_steps=30, warmup_start_lr=1e-6)
+    lavis = dict(kw, schedule="lavis_epoch_cosine", steps_per_epoch=10)
+    assert lr_at(0, **lavis) == pytest.approx(1e-6)  # LAVIS's first update runs at warmup_lr
+    assert lr_at(2, **lavis) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 2 / 4)
+    assert [lr_at(s, **lavis) for s in (4, 9)] == pytest.approx([1e-4, 1e-4])  # rest of epoch 0: the peak
+    epoch1 = 1e-5 + (1e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 1 / 3))
+    assert [lr_at(s, **lavis) for s in (10, 19)] == pytest.approx([epoch1, epoch1])  # constant in an epoch
+    assert lr_at(0, **kw) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 4)  # per step: warm-up from warmup_start_lr
+
+    cfg = TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=4, max_steps=30, lr_schedule="lavis_epoch_cosine")
+    with pytest.raises(TrainConfigError, match="set steps_per_epoch"):
+        build_scheduler(build_optimizer(nn.Linear(2, 2), cfg), cfg)  # streamed data has no length
+    opt = build_optimizer(nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    for step in range(25):
+        expected = lr_at(step, **dict(kw, warmup_start_lr=0.0), schedule="lavis_epoch_cosine", steps_per_epoch=10)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+        opt.step()
+        sched.step()
+
+
+def test_lavis_settings_reach_the_optimiser() -> None:
+    cfg = TrainConfig(betas=(0.9, 0.999), weight_decay_rule="lavis", grad_clip=None)
+    model = _Named()
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.temp) in decayed and id(model.query_tokens) in decayed
+    assert id(model.ln_vision.weight) not in decayed
+    with pytest.raises(TrainConfigError, match="grad_clip must be > 0 or null"):
+        TrainConfig(grad_clip=0)
+
+
+def test_deterministic_mode_is_on_during_the_run_and_restored_after(tmp_path: Path) -> None:
+    seen: list[bool] = []
+    assert not torch.are_deterministic_algorithms_enabled()
+    run_training(
+        _cfg(tmp_path, max_steps=2),
+        ToyRegressor(),
+        ToyDataset(),
+        collate,
+        callbacks=[lambda step, m: seen.append(torch.are_deterministic_algorithms_enabled())],
+    )
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+    seen.clear()
+    run_training(
+        _cfg(tmp_path / "b", max_steps=1, deterministic=False),
+        ToyRegressor(),
+        ToyDataset(),
+        collate,
+        callbacks=[lambda step, m: seen.append(torch.are_deterministic_algorithms_enabled())],
+    )
+    assert seen == [False]

@@ -12,7 +12,7 @@ from blip2.config import tiny_config
 from blip2.data.scenes import make_split
 from blip2.model import Blip2, Blip2QFormer
 from blip2.testing import make_tiny_model, pretrain_tiny_llm, tiny_bert_tokenizer
-from blip2.train.loop import TrainConfig
+from blip2.train.config import TrainConfig, TrainConfigError
 from blip2.train.recipes import load_stage1_into, train
 
 STEPS = 24
@@ -108,8 +108,9 @@ def test_stage1_tokenizer_gives_cls_first() -> None:
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
 
 
-def test_stage1_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
-    """SIGKILL after step 5 (checkpoint at 4), resume to 8: identical to an uninterrupted 8-step run."""
+def test_stage1_runs_are_bit_identical_with_default_threads(tmp_path: Path) -> None:
+    """The README's claim, with torch's default thread count: two uninterrupted 8-step runs end equal, and a
+    run killed (SIGKILL) after step 5 (checkpoint at 4) and resumed to 8 ends equal to them."""
     import subprocess
     import sys
 
@@ -122,6 +123,8 @@ def test_stage1_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
 
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
+    again = run(tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-2000:]
     killed = run(tmp_path / "killed", "5")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "final.pt").exists()
@@ -129,8 +132,10 @@ def test_stage1_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
-    assert a.keys() == b.keys()
+    c = torch.load(tmp_path / "again" / "final.pt", weights_only=True)
+    assert a.keys() == b.keys() == c.keys()
     for k in a:
+        assert torch.equal(a[k], c[k]), k
         assert torch.equal(a[k], b[k]), k
 
 
@@ -285,3 +290,91 @@ def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path, cap
     ]
     assert all(v == v for v in _losses(tmp_path / "run"))  # no NaN from an empty batch
     assert sum("no readable sample" in r.getMessage() for r in caplog.records) >= 2
+
+
+def test_recipe_training_switches_reach_the_model() -> None:
+    """temp_clamp: null trains temp unclamped (LAVIS BLIP-2); frozen_llm_train_mode keeps the frozen LLM's
+    dropout active in training (LAVIS) while eval() still turns it off."""
+    from blip2.train.recipes import build_model
+
+    stage1 = build_model({"stage": 1, "preset": "tiny-stage1", "temp_clamp": None})
+    assert stage1.temp_clamp is None
+    with torch.no_grad():
+        stage1.temp.fill_(0.9)
+    batch = stage1_batch(stage1)
+    stage1.train()
+    stage1(**batch)
+    assert stage1.temp.item() == pytest.approx(0.9)  # default (0.001, 0.5) would have clamped it to 0.5
+    stage1.temp_clamp = (0.001, 0.5)
+    stage1(**batch)
+    assert stage1.temp.item() == pytest.approx(0.5)
+
+    model = make_tiny_model(None, llm="opt")
+    model.train()
+    assert not model.language_model.training  # the project's default: frozen LLM in eval mode
+    train_cfg = _cfg(Path("unused"), 2)
+    train_cfg.model.frozen_llm_train_mode = True
+    from blip2.train.recipes import configure_for_training
+
+    configure_for_training(model, train_cfg.model)
+    model.train()
+    assert model.language_model.training and not model.vision_model.training
+    model.eval()
+    assert not model.language_model.training
+
+
+def stage1_batch(model: Blip2QFormer) -> dict[str, torch.Tensor]:
+    tokens = tiny_bert_tokenizer()(["a red circle", "two blue squares"], padding=True, return_tensors="pt")
+    size = model.config.vision.image_size
+    return {
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+        "pixel_values": torch.randn(2, 3, size, size),
+    }
+
+
+def test_recipe_model_section_errors_and_stage1_init_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blip2.train import recipes
+
+    with pytest.raises(TrainConfigError, match="pretrained_vision=true, but preset 'tiny-stage1' uses the official"):
+        recipes.build_model({"stage": 1, "preset": "tiny-stage1", "pretrained_vision": True})
+    # Stage 1 takes the frozen image encoder (only) from init_from.
+    source = recipes.build_model({"stage": 1, "preset": "tiny-stage1"}, seed=5)
+    source.save_pretrained(tmp_path / "source")
+    model = recipes.build_model({"stage": 1, "preset": "tiny-stage1", "init_from": str(tmp_path / "source")}, seed=0)
+    for name, value in source.vision_model.state_dict().items():
+        torch.testing.assert_close(model.vision_model.state_dict()[name], value, atol=0, rtol=0)
+    assert not torch.equal(model.query_tokens, source.query_tokens)
+
+    # output_dir and device are checked before any model is built
+    monkeypatch.setattr(recipes, "build_model", lambda *a, **k: pytest.fail("built a model first"))
+    (tmp_path / "file").write_text("x")
+    cfg = _cfg(tmp_path / "file" / "run", 1)
+    with pytest.raises(OSError, match="lies inside the file"):
+        recipes.train(cfg)
+    cfg = _cfg(tmp_path / "run", 1)
+    cfg.device = "banana"
+    with pytest.raises(TrainConfigError, match="not a device"):
+        recipes.train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "overrides", "expected"),
+    [
+        ("max_step: 10\n", [], "unknown training option 'max_step' in"),
+        ("max_steps: 10\n", ["max_stepz=2"], "unknown training option 'max_stepz' in overrides"),
+        ("max_steps: [10\n", [], "is not valid YAML"),
+        ("max_steps: 10\n", ["device=banana"], "'banana' is not a device"),
+        ("model:\n  stage: 1\n  preset: tiny-stage1\n  shuffle: 3\n", [], "unknown training option model.'shuffle'"),
+    ],
+)
+def test_cli_train_config_mistakes_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe_text: str, overrides: list[str], expected: str
+) -> None:
+    from blip2.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    assert main(["train", "--config", str(recipe), f"output_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err, err

@@ -151,6 +151,8 @@ class Blip2QFormer(_ImageQueryModel):
         # ITC: gather the other side's features with gradient (both terms train both towers) or without
         # (the authors' code; each term trains one tower). See `blip2.losses.itc_loss`.
         self.itc_gather_grad = False
+        # Training: clamp temp into [low, high] before each forward (BLIP-1's rule); None: never (LAVIS BLIP-2).
+        self.temp_clamp: tuple[float, float] | None = (0.001, 0.5)
         _init_weights(self.vision_projection)
         _init_weights(self.text_projection)
         _init_weights(self.itm_head)
@@ -263,8 +265,9 @@ class Blip2QFormer(_ImageQueryModel):
         image_embeds = self.encode_image(pixel_values, image_features)  # (B, P, Dv)
         b = image_embeds.shape[0]
         q = self.query_tokens.shape[1]
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        if self.temp_clamp is not None:
+            with torch.no_grad():
+                self.temp.clamp_(*self.temp_clamp)
 
         # ITC: queries alone and text alone (the uni-modal mask, as two passes)
         image_kv = self.qformer.image_kv(image_embeds)  # cross-attention keys/values, shared by ITC and ITM
@@ -384,6 +387,9 @@ class Blip2(_ImageQueryModel):
         llm_width = self.language_model.get_input_embeddings().weight.shape[1]
         self.language_projection = nn.Linear(config.qformer.hidden_size, llm_width)
         _init_weights(self.language_projection)
+        # True: the frozen LLM follows train()/eval() like the rest (dropout active in training, as in LAVIS);
+        # False: always in eval mode.
+        self.frozen_llm_train_mode = False
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -391,7 +397,8 @@ class Blip2(_ImageQueryModel):
 
     def train(self, mode: bool = True) -> Blip2:
         super().train(mode)
-        self.language_model.eval()  # frozen: no dropout
+        if not self.frozen_llm_train_mode:
+            self.language_model.eval()  # frozen: no dropout
         return self
 
     def visual_prompt(

@@ -77,9 +77,9 @@ def pretrain_vit_contrastive(
     seed: int = 0,
 ) -> list[float]:
     """Train ``vit`` in place with CLIP's loss on (image, random caption) pairs, AdamW with warm-up and cosine
-    decay (`blip2.train.loop.lr_at`); return the loss per step. The ViT is left frozen (eval mode,
+    decay (`blip2.train.optim.lr_at`); return the loss per step. The ViT is left frozen (eval mode,
     ``requires_grad=False``) afterwards."""
-    from blip2.train.loop import lr_at
+    from blip2.train.optim import lr_at
 
     generator = torch.Generator().manual_seed(seed)
     width = int(getattr(vit, "hidden_size", pixels.shape[1]))

@@ -1,30 +1,13 @@
 """From a YAML run recipe to a trained model: builds the model, the data and the batches for stage 1 / 2.
 
 ``blip2 train --config configs/<recipe>.yaml key=value ...`` calls `train_from_config`. A recipe is a
-`blip2.train.loop.TrainConfig` whose free-form ``model`` and ``data`` sections are read here:
-
-model:
-  stage: 1 | 2
-  preset: a name from blip2.config.PRESETS (architecture)
-  qformer_init: minilm | <BERT directory or hub id> | none    # stage 1: the Q-Former starts from BERT
-  itc_gather_grad: false | true      # stage 1: ITC gathers the other side with gradient (false: as LAVIS)
-  init_from: <stage-1 checkpoint directory>                    # stage 2: the Q-Former trained in stage 1
-  pretrained_vision: false | true                              # load the encoder's weights (model_id)
-  pretrained_llm: true | false                                 # load the LLM's weights (llm.model_id)
-  tokenizer: <path or hub id>                                  # optional override
-data:
-  kind: jsonl | csv | coco | webdataset | scenes
-  annotations: <file>  images: <image root>  urls: [<shards>]  n: <scenes count>  seed: 0
-  augment: false | true           # random resized crop + flip (no feature cache when on)
-  feature_cache: <dir> | null     # stage 1/2: train from cached frozen features
-  clean_captions: false | true    # LAVIS's caption cleaning (blip2.data.text; on in the paper recipes)
-  max_words: 50                   # with clean_captions: captions cut to this many words
-  max_length: 32
-  prompt: ""                      # stage 2 decoder-only: text before the caption (not in the loss)
+`blip2.train.config.TrainConfig`; its typed ``model:`` (`ModelSection`) and ``data:`` (`DataSection`)
+sections, documented field by field there, are read here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,38 +21,57 @@ from blip2.data.collate import DecoderCollate, PrefixLMCollate, Stage1Collate
 from blip2.data.transforms import ImageProcessor, TrainTransform
 from blip2.llm import stop_token_id
 from blip2.model import Blip2, Blip2QFormer
+from blip2.train.config import DataSection, ModelSection, TrainConfig, TrainConfigError, from_mapping, load_config
+from blip2.train.loop import check_device, run_training
+from blip2.train.state import prepare_output_dir
 
 # ----------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_model(section: Mapping[str, Any], seed: int = 0) -> Blip2 | Blip2QFormer:
+def build_model(section: ModelSection | Mapping[str, Any], seed: int = 0) -> Blip2 | Blip2QFormer:
     """The recipe's model, its randomly initialised weights drawn from ``seed``.
 
     Seeded because torch seeds its default generator differently in every process: unseeded, each rank of a
     torchrun job (and each rerun) would build a different random frozen encoder, and the feature cache rank 0
     writes would not be the one the other ranks' encoders produce.
     """
+    if not isinstance(section, ModelSection):
+        section = from_mapping(ModelSection, section, "model")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_model(section)
+        model = _build_model(section)
+    configure_for_training(model, section)
+    return model
 
 
-def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
-    stage = int(section.get("stage", 1))
-    preset = section.get("preset")
-    if not preset:
-        raise ValueError("the recipe's model section needs a 'preset' (see blip2.config.PRESETS)")
+def configure_for_training(model: nn.Module, section: ModelSection) -> None:
+    """Apply the section's training switches (temperature clamp, ITC gradient, frozen-LLM mode) to a model."""
+    if isinstance(model, Blip2QFormer):
+        model.temp_clamp = section.temp_clamp
+        model.itc_gather_grad = section.itc_gather_grad
+    if isinstance(model, Blip2):
+        model.frozen_llm_train_mode = section.frozen_llm_train_mode
+
+
+def _build_model(section: ModelSection) -> Blip2 | Blip2QFormer:
+    if not section.preset:
+        raise TrainConfigError("the recipe's model section needs a 'preset' (see blip2.config.PRESETS)")
     from blip2.checkpoints.offline import resolve_offline
 
-    config: Blip2Config = resolve_offline(from_name(str(preset)))
-    if stage == 1:
+    config: Blip2Config = resolve_offline(from_name(section.preset))
+    if section.pretrained_vision and config.vision.kind == "blip2":
+        raise TrainConfigError(
+            f"model.pretrained_vision=true, but preset {section.preset!r} uses the official EVA ViT-g (vision kind "
+            "'blip2'), which cannot be loaded by id: set pretrained_vision: false and model.init_from to a checkpoint "
+            "holding it (e.g. a transformers BLIP-2 directory, or one written by blip2 convert)"
+        )
+    if section.stage == 1:
         config.llm = None
         config.qformer.use_text = True
-        model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=bool(section.get("pretrained_vision")))
-        model.itc_gather_grad = bool(section.get("itc_gather_grad", False))
-        init = section.get("qformer_init", "none")
+        model: Blip2 | Blip2QFormer = Blip2QFormer(config, pretrained_vision=section.pretrained_vision)
+        init = section.qformer_init
         if init and init != "none":
             from blip2.checkpoints import init_qformer_from_bert
             from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer, minilm_path
@@ -77,28 +79,40 @@ def _build_model(section: Mapping[str, Any]) -> Blip2 | Blip2QFormer:
             path = minilm_path() if init == "minilm" else init
             init_qformer_from_bert(model.qformer, bert_state_dict(path))
             model.tokenizer = load_bert_tokenizer(path)
-    elif stage == 2:
+        if section.init_from:
+            load_vision_encoder_from(model, section.init_from)
+    else:
         if config.llm is None:
-            raise ValueError(f"preset {preset!r} has no LLM; stage 2 needs one")
+            raise TrainConfigError(f"preset {section.preset!r} has no LLM; stage 2 needs one")
         config.qformer.use_text = False  # stage 2 uses the query side only
-        model = Blip2(
-            config,
-            pretrained_vision=bool(section.get("pretrained_vision")),
-            pretrained_llm=bool(section.get("pretrained_llm", True)),
-        )
-        if section.get("init_from"):
-            load_stage1_into(model, section["init_from"])
-        if config.llm.model_id and bool(section.get("pretrained_llm", True)):
+        model = Blip2(config, pretrained_vision=section.pretrained_vision, pretrained_llm=section.pretrained_llm)
+        if section.init_from:
+            load_stage1_into(model, section.init_from)
+        if config.llm.model_id and section.pretrained_llm:
             from transformers import AutoTokenizer
 
             model.tokenizer = AutoTokenizer.from_pretrained(config.llm.model_id)
-    else:
-        raise ValueError(f"model.stage must be 1 or 2, got {stage}")
-    if section.get("tokenizer"):
+    if section.tokenizer:
         from transformers import AutoTokenizer
 
-        model.tokenizer = AutoTokenizer.from_pretrained(section["tokenizer"])
+        model.tokenizer = AutoTokenizer.from_pretrained(section.tokenizer)
     return model
+
+
+def load_vision_encoder_from(model: Blip2 | Blip2QFormer, source: str | os.PathLike[str]) -> None:
+    """Stage 1: copy the frozen image encoder's weights from any checkpoint this project loads (ours, a
+    transformers BLIP-2 directory or hub id). Only ``vision_model.*``: ln_vision, the queries and the
+    Q-Former start fresh in stage 1, as in LAVIS. (The whole source model is loaded once to read them.)"""
+    from blip2.checkpoints import load_any
+
+    theirs = load_any(source).vision_model.state_dict()
+    own = model.vision_model.state_dict()
+    mismatch = sorted(k for k in own if k not in theirs or theirs[k].shape != own[k].shape)
+    if mismatch:
+        raise TrainConfigError(
+            f"model.init_from={source}: its image encoder does not fit this preset's ({mismatch[:3]})"
+        )
+    model.vision_model.load_state_dict(theirs)
 
 
 def load_stage1_into(model: Blip2, stage1: str | os.PathLike[str] | Blip2QFormer) -> None:
@@ -164,61 +178,59 @@ def _rank0_first(
     return (load or build)()
 
 
-def build_dataset(section: Mapping[str, Any], model: Blip2 | Blip2QFormer, work_dir: Path) -> tuple[Any, dict]:
-    """The training dataset and the generators the loop must checkpoint (for exact resume)."""
+def build_dataset(
+    section: DataSection | Mapping[str, Any], model: Blip2 | Blip2QFormer, work_dir: Path
+) -> tuple[Any, dict[str, torch.Generator]]:
+    """The training dataset and the generators the loop must checkpoint (for exact resume; none today: the
+    datasets derive their randomness from (seed, epoch, index))."""
     from blip2.data.datasets import CocoCaptionsDataset, ImageTextDataset
     from blip2.data.webdataset import WebDatasetShards
 
-    kind = section.get("kind", "jsonl")
+    if not isinstance(section, DataSection):
+        section = from_mapping(DataSection, section, "data")
     vcfg = model.config.vision
-    augment = bool(section.get("augment", False))
-    seed = int(section.get("seed", 0))
+    seed = section.seed
     transform: Any = (
-        TrainTransform.from_vision_config(vcfg, hflip=bool(section.get("hflip", True)))
-        if augment
+        TrainTransform.from_vision_config(vcfg, hflip=section.hflip)
+        if section.augment
         else ImageProcessor.from_vision_config(vcfg)
     )
-    if kind == "scenes":
+    if section.kind in ("jsonl", "csv", "json", "coco") and not section.annotations:
+        raise TrainConfigError(f"data.kind={section.kind} needs data.annotations (the annotation file)")
+    if section.kind == "scenes":
         from blip2.data.scenes import write_split
 
-        n = int(section.get("n", 256))
         root = _rank0_first(
             work_dir / "data" / ".train.ready",
-            lambda: write_split(work_dir / "data", "train", n, seed=seed, image_size=vcfg.image_size),
+            lambda: write_split(work_dir / "data", "train", section.n, seed=seed, image_size=vcfg.image_size),
             load=lambda: work_dir / "data" / "train",
         )
         dataset: Any = ImageTextDataset(root / "captions.jsonl", image_root=root, transform=transform, seed=seed)
-    elif kind in ("jsonl", "csv", "json"):
-        dataset = ImageTextDataset(
-            section["annotations"], image_root=section.get("images"), transform=transform, seed=seed
-        )
-    elif kind == "coco":
-        dataset = CocoCaptionsDataset(
-            section["annotations"], image_root=section.get("images"), transform=transform, seed=seed
-        )
-    elif kind == "webdataset":
-        if section.get("feature_cache"):
-            raise ValueError("the feature cache needs a map-style dataset; webdataset shards stream")
-        shards = WebDatasetShards(
-            section["urls"], transform=transform, shuffle_buffer=int(section.get("shuffle", 1000)), seed=seed
-        )
+    elif section.kind == "coco":
+        dataset = CocoCaptionsDataset(section.annotations, image_root=section.images, transform=transform, seed=seed)
+    elif section.kind == "webdataset":
+        if not section.urls:
+            raise TrainConfigError("data.kind=webdataset needs data.urls (a list of shard URLs or patterns)")
+        if section.feature_cache:
+            raise TrainConfigError("data.feature_cache needs a map-style dataset; webdataset shards stream")
+        shards = WebDatasetShards(section.urls, transform=transform, shuffle_buffer=section.shuffle_buffer, seed=seed)
         return _cleaned(shards, section), {}
-    else:
-        raise ValueError(f"unknown data.kind {kind!r}; expected jsonl, csv, coco, webdataset or scenes")
-    if section.get("feature_cache"):
-        if augment:
-            raise ValueError("data.feature_cache needs data.augment=false: cached features cannot be augmented")
-        dataset = cached(dataset, model, Path(section["feature_cache"]))
+    else:  # jsonl, csv, json
+        dataset = ImageTextDataset(section.annotations, image_root=section.images, transform=transform, seed=seed)
+    if section.feature_cache:
+        if section.augment:
+            raise TrainConfigError("data.feature_cache needs data.augment=false: cached features cannot be augmented")
+        dataset = cached(dataset, model, Path(section.feature_cache))
     return _cleaned(dataset, section), {}
 
 
-def _cleaned(dataset: Any, section: Mapping[str, Any]) -> Any:
+def _cleaned(dataset: Any, section: DataSection) -> Any:
     """The dataset with LAVIS's caption cleaning applied when the recipe asks for it (``clean_captions``)."""
-    if not section.get("clean_captions", False):
+    if not section.clean_captions:
         return dataset
-    from blip2.data.text import MAX_WORDS, clean_captions
+    from blip2.data.text import clean_captions
 
-    return clean_captions(dataset, max_words=int(section.get("max_words", MAX_WORDS)))
+    return clean_captions(dataset, max_words=section.max_words)
 
 
 def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
@@ -286,19 +298,29 @@ def train_from_config(
     path: str | os.PathLike[str], overrides: Sequence[str] = (), model: nn.Module | None = None
 ) -> dict[str, Any]:
     """Load a recipe, build everything, train, and save the final model to ``output_dir/model``."""
-    from blip2.train.loop import load_config
-
-    cfg = load_config(path, overrides)
-    return train(cfg, model)
+    return train(load_config(path, overrides), model)
 
 
-def train(cfg: Any, model: nn.Module | None = None) -> dict[str, Any]:
-    from blip2.train.loop import run_training
+def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """Build the recipe's model (unless given), data and batches, and train.
 
-    model = model if model is not None else build_model(cfg.model, seed=cfg.seed)
+    The device and ``output_dir`` are checked first, so that a bad one fails in a second, not after the
+    models are built. The recipe's training switches (``model.temp_clamp``, ``model.frozen_llm_train_mode``)
+    also apply to a ``model`` passed in.
+    """
+    if isinstance(cfg.model, Mapping):  # sections assigned as plain mappings after construction
+        cfg.model = from_mapping(ModelSection, cfg.model, "model")
+    if isinstance(cfg.data, Mapping):
+        cfg.data = from_mapping(DataSection, cfg.data, "data")
+    check_device(cfg.device)
+    prepare_output_dir(cfg.output_dir, cfg.resume)
+    if model is None:
+        model = build_model(cfg.model, seed=cfg.seed)
+    else:
+        configure_for_training(model, cfg.model)
     out = Path(cfg.output_dir)
     dataset, generators = build_dataset(cfg.data, model, out)
-    collate = build_collate(cfg.data, model)
+    collate = build_collate(dataclasses.asdict(cfg.data), model)
     metrics = run_training(cfg, model, dataset, collate, rng_generators=generators)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
