@@ -100,4 +100,4 @@ def test_yaml_syntax_error_in_a_recipe_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert "could not be parsed (line" in result.stderr
+    assert f"{recipe} is not valid YAML" in result.stderr and "line 2" in result.stderr
