@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -63,8 +64,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str | 
     return get
 
 
+def tiny_train_config(output_dir: str | Path, **overrides: Any) -> Any:
+    """A `blip2.train.config.TrainConfig` for tests: 6 steps of batch 4 on the CPU, fp32, no workers, logging
+    every step, no intermediate checkpoints; any field can be overridden."""
+    from blip2.train.config import TrainConfig
+
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        log_every=1,
+        save_every=1000,
+        num_workers=0,
+        device="cpu",
+        precision="fp32",
+        seed=0,
+    )
+    return TrainConfig(**(values | overrides))
+
+
 def torchrun_command(script: str | Path, *args: str, nproc: int = 2) -> list[str]:
-    """The command that runs ``script`` under ``torch.distributed.run`` on ``nproc`` local processes."""
+    """The command that runs ``script`` (a path, or ``-m module``) under ``torch.distributed.run`` on ``nproc``
+    local processes."""
     return [
         sys.executable,
         "-m",
@@ -78,10 +102,13 @@ def torchrun_command(script: str | Path, *args: str, nproc: int = 2) -> list[str
 
 
 def src_env(**extra: str) -> dict[str, str]:
-    """The environment for a subprocess that must import this checkout's ``blip2`` (its ``src`` first)."""
+    """The environment for a subprocess that must import this checkout's ``blip2`` (its ``src`` first), outside
+    any torchrun job the test itself might run in."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else ""), **extra}
+    env = {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else ""), **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
 
 
 def run_torchrun(
@@ -91,8 +118,8 @@ def run_torchrun(
     done = subprocess.run(
         torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=src_env()
     )
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+    if done.returncode != 0:  # each rank's own error lines first: the tail shows only the rank that outlived the other
+        errors = [line for line in done.stderr.splitlines() if "Error" in line or "terminate" in line]
         pytest.fail(f"torchrun exited {done.returncode}:\n" + "\n".join(errors[-40:]) + "\n" + done.stderr[-3000:])
     return done
 

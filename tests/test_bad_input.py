@@ -327,3 +327,13 @@ def test_lavis_file_gets_the_umask_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.pth").stat().st_mode) == 0o644
+
+
+def test_a_question_template_without_its_placeholder_is_refused(tiny: Blip2) -> None:
+    """A template without '{}' would drop every question and answer something unrelated: refused, as are
+    templates with two places or stray braces."""
+    image = Image.new("RGB", (32, 32))
+    for template in ("Question: Answer:", "Q: {} {}", "Q: {0} A:", "Q: {} A: }"):
+        with pytest.raises(ValueError, match="exactly one '{}'"):
+            tiny.answer(image, "what color?", prompt_template=template)
+    assert len(tiny.answer(image, "what color?", prompt_template="Q: {} A:", max_new_tokens=2, num_beams=1)) == 1

@@ -202,9 +202,9 @@ def test_eval_command_checks_the_files_before_loading_a_model(
         ("--num-beams", "0", "argument --num-beams: must be at least 1, got 0"),
         ("--retrieval-k", "-1", "argument --retrieval-k: must be at least 1, got -1"),
         ("--max-images", "0", "argument --max-images: must be at least 1, got 0"),
-        ("--vqa-template", "Q: {}{} A:", "argument --vqa-template: the template must hold exactly one '{}'"),
-        ("--vqa-template", "Q: A:", "argument --vqa-template: the template must hold exactly one '{}'"),
-        ("--vqa-template", "Q: {0 A:", "argument --vqa-template: the template must hold exactly one '{}'"),
+        ("--vqa-template", "Q: {}{} A:", "argument --vqa-template: a question template must hold exactly one '{}'"),
+        ("--vqa-template", "Q: A:", "argument --vqa-template: a question template must hold exactly one '{}'"),
+        ("--vqa-template", "Q: {0 A:", "argument --vqa-template: a question template must hold exactly one '{}'"),
     ],
 )
 def test_bad_flag_values_are_rejected_before_loading(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import src_env, tiny_train_config, torchrun_command  # noqa: E402
 from helpers_train_toy import ToyDataset, ToyRegressor, build, collate  # noqa: E402
 
 from blip2.checkpoints import CheckpointError  # noqa: E402
@@ -30,34 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
-    base: dict[str, object] = dict(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        batch_size=4,
-        lr=1e-2,
-        min_lr=1e-3,
-        warmup_steps=2,
-        log_every=1,
-        save_every=1000,
-        num_workers=0,
-        device="cpu",
-        precision="fp32",
-        seed=3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    env.pop("WORLD_SIZE", None)
-    return env
+    return tiny_train_config(tmp_path, seed=3, **kw)
 
 
 def _helper(out: Path, *args: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, str(HELPER), "--out", str(out), *args]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env=src_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _finish(proc: subprocess.Popen[bytes], expect_rc: int = 0) -> None:
@@ -242,6 +220,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
         assert torch.equal(opt_killed[index]["exp_avg_sq"], moments["exp_avg_sq"])
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     """gloo, 2 ranks x batch 4 vs 1 process x batch 8, with accumulation and an epoch boundary.
 
@@ -250,21 +229,8 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     """
     common = ["--steps", "8", "--accum", "2", "--save-every", "4"]
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(HELPER),
-        "--out",
-        str(two),
-        "--batch-size",
-        "4",
-        *common,
-    ]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = torchrun_command(HELPER, "--out", str(two), "--batch-size", "4", *common)
+    proc = subprocess.Popen(cmd, env=src_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     one = _helper(tmp_path / "one", "--batch-size", "8", *common)
     _finish(proc)
     _finish(one)
@@ -282,6 +248,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in rows_one], rel=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_skip_empty_batches_together_and_resume_exactly(tmp_path: Path) -> None:
     """Half the items unreadable, batch 1 per rank: often one rank's micro-batch is empty and the other's is
     not. The ranks skip such a batch together, so they stay at the same data position (the checkpoint holds
@@ -289,27 +256,9 @@ def test_two_ranks_skip_empty_batches_together_and_resume_exactly(tmp_path: Path
     bit-identical to an uninterrupted one, every step on real samples (no NaN)."""
 
     def launch(out: Path, *extra: str) -> subprocess.Popen[bytes]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(HELPER),
-            "--out",
-            str(out),
-            "--batch-size",
-            "1",
-            "--steps",
-            "10",
-            "--save-every",
-            "4",
-            "--unreadable-every",
-            "2",
-            *extra,
-        ]
-        return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        args = ["--out", str(out), "--batch-size", "1", "--steps", "10", "--save-every", "4", "--unreadable-every", "2"]
+        cmd = torchrun_command(HELPER, *args, *extra)
+        return subprocess.Popen(cmd, env=src_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     first = launch(full)

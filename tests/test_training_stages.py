@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun, tiny_train_config
 
 from blip2.config import tiny_config
 from blip2.data.scenes import make_split
@@ -19,19 +20,12 @@ STEPS = 24
 
 
 def _cfg(out: Path, stage: int, **data: object) -> TrainConfig:
-    return TrainConfig(
-        output_dir=str(out),
+    return tiny_train_config(
+        out,
         max_steps=STEPS,
         batch_size=8,
         lr=2e-3,
         min_lr=2e-4,
-        warmup_steps=2,
-        save_every=1000,
-        log_every=1,
-        num_workers=0,
-        precision="fp32",
-        device="cpu",
-        seed=0,
         model={"stage": stage},
         data={"kind": "scenes", "n": 48, "seed": 0, "max_length": 24, **data},
     )
@@ -163,38 +157,14 @@ def test_cli_train_from_yaml_recipe(tmp_path: Path) -> None:
     assert model.tokenizer is not None and model.config.qformer.hidden_size == 384
 
 
+@pytest.mark.multiprocess
 def test_stage1_under_torchrun_two_processes(tmp_path: Path) -> None:
     """`blip2 train` under torchrun (2 gloo processes): texts padded differently per rank are gathered for ITM
     hard negatives, rank 0 builds the data and the feature cache, the model is saved once."""
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "blip2.cli",
-        "train",
-        "--config",
-        "configs/stage1_small.yaml",
-        f"output_dir={out}",
-        "max_steps=3",
-        "batch_size=2",
-        "data.n=8",
-        f"data.feature_cache={out / 'cache'}",
-        "log_every=1",
-        "save_every=3",
-        "num_workers=0",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    # each rank's own error lines first: the tail alone shows only the rank that outlived the other
-    errors = [line for line in done.stderr.splitlines() if "Error" in line or "terminate" in line]
-    assert done.returncode == 0, "\n".join(errors[-20:]) + "\n---\n" + done.stderr[-3000:]
+    overrides = [f"output_dir={out}", "max_steps=3", "batch_size=2", "data.n=8", f"data.feature_cache={out / 'cache'}"]
+    overrides += ["log_every=1", "save_every=3", "num_workers=0"]
+    run_torchrun("-m", "blip2.cli", "train", "--config", "configs/stage1_small.yaml", *overrides, timeout=600)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (out / "model" / "model.safetensors").exists()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blip2.config import VQA_PROMPT
+from blip2.config import VQA_PROMPT, check_question_template
 
 DEFAULT_MODEL = os.environ.get("BLIP2_MODEL", "blip2-demo/model")
 
@@ -190,11 +190,10 @@ def device_name(text: str) -> str:
 
 def question_template(text: str) -> str:
     """A prompt template with exactly one ``{}``, where the question goes."""
-    if text.count("{}") != 1 or text.replace("{}", "").count("{") or text.replace("{}", "").count("}"):
-        raise argparse.ArgumentTypeError(
-            f"the template must hold exactly one '{{}}' (where the question goes) and no other braces, got {text!r}"
-        )
-    return text
+    try:
+        return check_question_template(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------ the commands

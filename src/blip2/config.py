@@ -28,6 +28,19 @@ VQA_PROMPT = "Question: {} Answer:"
 LAVIS_VQA_PROMPT = "Question: {} Short answer:"
 # Generation defaults of the task API (`blip2.inference`): the official captioning settings (beam 5, 8-30
 # tokens) and a short-answer VQA setting.
+
+
+def check_question_template(template: str) -> str:
+    """``template`` if it holds exactly one ``{}`` (where the question goes) and no other braces; else a
+    ValueError naming it (a template without ``{}`` would silently drop every question)."""
+    if template.count("{}") != 1 or "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+        raise ValueError(
+            f"a question template must hold exactly one '{{}}' (where the question goes) and no other braces, "
+            f"got {template!r}"
+        )
+    return template
+
+
 CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
 VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 

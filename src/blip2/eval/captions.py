@@ -135,6 +135,29 @@ def _spice_ready(package: Path) -> str | None:
     return None
 
 
+def _tokenized(
+    predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]], java_timeout_s: float
+) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
+    """(references, predictions) tokenised as pycocoevalcap wants them, keyed by the image id as a string (the
+    Java scorers exchange them through JSON), and which tokenizer ran ("ptb", or "simple: why")."""
+    ids = list(predictions)
+    texts = [predictions[i] for i in ids] + [r for i in ids for r in references[i]]
+    try:
+        tokens = ptb_tokenize(texts, timeout_s=java_timeout_s)
+        tokenizer = "ptb"
+    except RuntimeError as e:
+        tokens = [simple_tokenize(t) for t in texts]
+        tokenizer = f"simple: {e}"
+    res = {str(i): [tokens[n]] for n, i in enumerate(ids)}
+    gts: dict[str, list[str]] = {}
+    offset = len(ids)
+    for i in ids:
+        n_refs = len(references[i])
+        gts[str(i)] = tokens[offset : offset + n_refs]
+        offset += n_refs
+    return gts, res, tokenizer
+
+
 def caption_metrics(
     predictions: Mapping[Any, str],
     references: Mapping[Any, Sequence[str]],
@@ -166,23 +189,7 @@ def caption_metrics(
         result["tokenizer"] = "none"
         return result
 
-    ids = list(predictions)
-    texts = [predictions[i] for i in ids] + [r for i in ids for r in references[i]]
-    try:
-        tokens = ptb_tokenize(texts, timeout_s=java_timeout_s)
-        result["tokenizer"] = "ptb"
-    except RuntimeError as e:
-        tokens = [simple_tokenize(t) for t in texts]
-        result["tokenizer"] = f"simple: {e}"
-    # Keys as strings: the Java scorers exchange them through JSON.
-    res = {str(i): [tokens[n]] for n, i in enumerate(ids)}
-    gts: dict[str, list[str]] = {}
-    offset = len(ids)
-    for i in ids:
-        n_refs = len(references[i])
-        gts[str(i)] = tokens[offset : offset + n_refs]
-        offset += n_refs
-
+    gts, res, result["tokenizer"] = _tokenized(predictions, references, java_timeout_s)
     if "BLEU" in wanted:
         from pycocoevalcap.bleu.bleu import Bleu
 

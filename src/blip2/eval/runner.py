@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from blip2.config import LAVIS_VQA_PROMPT
+from blip2.config import LAVIS_VQA_PROMPT, check_question_template
 from blip2.eval.captions import caption_metrics
 from blip2.eval.loaders import EvalData, load_eval_data
 from blip2.eval.protocol import LAVIS_RETRIEVAL_K, eval_protocol, lavis_vqa_generation
@@ -228,14 +227,6 @@ def run_eval(
     return result if keep_predictions else without_predictions(result)
 
 
-def _fields(template: str) -> list[str] | None:
-    """The replacement fields of a format string ("Q: {} A:" → [""]), or None when it is malformed."""
-    try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError:
-        return None
-
-
 def _load_models(model: str | None, retrieval_model: str | None, device: str) -> tuple[Any, Any]:
     """(stage-2 model or None, stage-1 model or None). A stage-1 checkpoint given as ``model`` retrieves; the
     demo's stage-1 folder next to ``model`` (``../qformer``) is found without being named."""
@@ -282,8 +273,8 @@ def evaluate_from_paths(
             raise ValueError(f"--{flag} must be at least {least}, got {value}")
     if answer_words < 0:
         raise ValueError(f"--answer-words must be 0 (keep every word) or more, got {answer_words}")
-    if vqa_template is not None and _fields(vqa_template) != [""]:
-        raise ValueError(f"--vqa-template must hold exactly one '{{}}' for the question, got {vqa_template!r}")
+    if vqa_template is not None:
+        check_question_template(vqa_template)
     eval_protocol(None, protocol)  # an unknown name fails before any loading
     data = load_eval_data(scenes, coco_captions, vqa_questions, vqa_annotations, images)
     stage2, stage1 = _load_models(model, retrieval_model, device)

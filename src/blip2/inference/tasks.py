@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from blip2.config import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_PROMPT
+from blip2.config import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_PROMPT, check_question_template
 from blip2.data.images import load_image
 from blip2.data.transforms import ImageProcessor
 
@@ -140,6 +140,7 @@ def answer(
     leading text) once per image, and each question's prompt once rather than once per beam
     (`blip2.inference.fast.shared_prefix_generate`; the same answers as asking one by one).
     """
+    check_question_template(prompt_template)  # before any image is encoded
     questions = _as_list(questions)
     images = _as_list(images)
     for q in questions:
