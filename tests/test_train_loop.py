@@ -499,3 +499,19 @@ def test_deterministic_mode_is_on_during_the_run_and_restored_after(tmp_path: Pa
         callbacks=[lambda step, m: seen.append(torch.are_deterministic_algorithms_enabled())],
     )
     assert seen == [False]
+
+
+def test_a_renamed_key_given_as_an_override_is_applied(caplog: pytest.LogCaptureFixture) -> None:
+    """`data.shuffle` (the old name of data.shuffle_buffer) given on the command line wins over the default."""
+    cfg = apply_overrides(TrainConfig(), ["data.shuffle=0"])
+    assert cfg.data.shuffle_buffer == 0
+
+
+def test_a_qformer_init_that_is_neither_a_folder_nor_downloadable_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blip2.train.recipes import build_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TrainConfigError, match="model.qformer_init 'no-such-bert' is not a local folder"):
+        build_model({"stage": 1, "preset": "tiny-stage1", "qformer_init": "no-such-bert"})

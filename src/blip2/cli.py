@@ -39,7 +39,8 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from blip2.checkpoints import load_for_inference
 
     model = load_for_inference(args.model, args.device, optimize=not args.no_optimize)
-    kwargs: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    given = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else config.CAPTION_DEFAULTS
     captions = model.caption(args.images, prompt=args.prompt, **kwargs)
     result = [{"image": str(i), "caption": c} for i, c in zip(args.images, captions, strict=True)]
     _print(result, args.json, [f"{r['image']}: {r['caption']}" for r in result])
@@ -214,8 +215,8 @@ def _no_optimize(p: argparse.ArgumentParser) -> None:  # inference commands: pre
 def _caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
-    p.add_argument("--num-beams", type=positive_int, default=5)
-    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p.add_argument("--num-beams", type=positive_int, default=None, help="default: 5 (the official setting)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 30")
     _no_optimize(p)
     _common(p)
 

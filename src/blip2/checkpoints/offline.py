@@ -345,14 +345,15 @@ def gemma3_llm_config(cache_dir: str | Path | None = None) -> LLMConfig:
     return config
 
 
-def resolve_offline(config: Blip2Config) -> Blip2Config:
+def resolve_offline(config: Blip2Config, llm: bool = True) -> Blip2Config:
     """A copy of ``config`` whose pip-installed weights (`blip2.config.MINILM_L6`, `blip2.config.GEMMA3_270M`)
     are named by local paths, so that transformers can load them. Presets stay pure data; this is where the
-    I/O happens (Gemma's GGUF is converted once, about a minute)."""
+    I/O happens (Gemma's GGUF is converted once, about a minute); ``llm=False`` leaves the LLM's id alone, for
+    a model whose LLM weights will not be loaded."""
     config = config.copy()
     if config.qformer.tokenizer == MINILM_L6:
         config.qformer.tokenizer = str(minilm_path())
-    if config.llm is not None and config.llm.model_id == GEMMA3_270M:
+    if llm and config.llm is not None and config.llm.model_id == GEMMA3_270M:
         config.llm.model_id = str(gemma3_270m_dir())
     return config
 

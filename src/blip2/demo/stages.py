@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from blip2.config import Blip2Config
 from blip2.demo.settings import DemoSettings, StageSettings, demo_config
 from blip2.model import Blip2, Blip2QFormer
-from blip2.train.loop import TrainConfig, run_training
+from blip2.train.config import TrainConfig
+from blip2.train.loop import run_training
 from blip2.train.recipes import load_stage1_into
 
 DONE_FILE = "done.json"

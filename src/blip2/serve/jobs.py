@@ -84,7 +84,6 @@ def _retrieve(model: Any, jobs: Sequence[RetrieveJob]) -> list[dict[str, Any]]:
     n = len(jobs)
     if not hasattr(model, "encode_image"):  # a duck-typed model: one call per request
         results = [model.retrieve([j.image], j.texts, k=j.k) for j in jobs]
-        embeds = None
     else:
         with torch.no_grad():
             embeds = model.encode_image(pixel_values(model, [j.image for j in jobs]))  # (B, P, Dv)

@@ -39,7 +39,7 @@ class _GuardedH11(H11Protocol):
     """uvicorn's h11 protocol (one instance per connection) with a header deadline and a JSON connection cap.
 
     It relies on `H11Protocol`'s attributes ``conn`` (the h11 state machine), ``transport``, ``connections``,
-    ``tasks`` and ``app``, which have been stable across uvicorn releases; tests/test_serve.py covers both
+    ``tasks`` and ``app``, which have been stable across uvicorn releases; tests/test_serve_http.py covers both
     guards over a real socket, so a uvicorn change that breaks them fails there.
     """
 

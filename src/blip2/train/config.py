@@ -44,7 +44,8 @@ class ModelSection:
     stage: int = 1  # 1: Q-Former on a frozen image encoder (ITC+ITM+ITG); 2: + frozen LLM (LM loss)
     preset: str = ""  # a name from blip2.config.PRESETS (the architecture); required
     qformer_init: str = "none"  # stage 1: "minilm" | a BERT directory or hub id | "none" (random)
-    init_from: str | None = None  # stage 2: directory of the stage-1 model to start from
+    # stage 2: the stage-1 model to start from; stage 1: a checkpoint to take the frozen image encoder from
+    init_from: str | None = None
     # Load the image encoder's weights from VisionConfig.model_id ("hf" / "timm" encoders). The official
     # EVA ViT-g (kind "blip2") has no loader by id: true is rejected for it rather than silently ignored.
     pretrained_vision: bool = False
@@ -261,7 +262,7 @@ def from_mapping(kind: type[T], raw: Mapping[str, Any], where: str = "config", s
     for old, new in _RENAMED.get(kind, {}).items():  # type: ignore[call-overload]
         if old in raw:
             logger.warning("%s.%s is now called %s.%s; please rename it", where, old, where, new)
-            raw.setdefault(new, raw.pop(old))
+            raw[new] = raw.pop(old)  # the old name was given: it wins over a default under the new one
     unknown = sorted(set(raw) - set(hints))
     prefix = "" if where == "config" else f"{where}."
     if unknown:

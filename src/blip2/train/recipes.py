@@ -60,7 +60,10 @@ def _build_model(section: ModelSection) -> Blip2 | Blip2QFormer:
         raise TrainConfigError("the recipe's model section needs a 'preset' (see blip2.config.PRESETS)")
     from blip2.checkpoints.offline import resolve_offline
 
-    config: Blip2Config = resolve_offline(from_name(section.preset))
+    config: Blip2Config = from_name(section.preset)
+    if section.stage == 1:
+        config.llm = None  # stage 1 has no LLM: nothing of it to fetch
+    config = resolve_offline(config, llm=section.pretrained_llm)  # pip-installed weights -> local paths
     if section.pretrained_vision and config.vision.kind == "blip2":
         raise TrainConfigError(
             f"model.pretrained_vision=true, but preset {section.preset!r} uses the official EVA ViT-g (vision kind "
@@ -76,7 +79,7 @@ def _build_model(section: ModelSection) -> Blip2 | Blip2QFormer:
             from blip2.checkpoints import init_qformer_from_bert
             from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer, minilm_path
 
-            path = minilm_path() if init == "minilm" else init
+            path = minilm_path() if init == "minilm" else _local_bert(init)
             init_qformer_from_bert(model.qformer, bert_state_dict(path))
             model.tokenizer = load_bert_tokenizer(path)
         if section.init_from:
@@ -113,6 +116,22 @@ def load_vision_encoder_from(model: Blip2 | Blip2QFormer, source: str | os.PathL
             f"model.init_from={source}: its image encoder does not fit this preset's ({mismatch[:3]})"
         )
     model.vision_model.load_state_dict(theirs)
+
+
+def _local_bert(name_or_path: str) -> Path:
+    """A BERT directory for ``model.qformer_init``: a local folder as it is, a hub id (``bert-base-uncased``)
+    downloaded (weights, config and tokenizer)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no safetensors: one line either way
+        raise TrainConfigError(
+            f"model.qformer_init {name_or_path!r} is not a local folder and could not be downloaded ({exc}); "
+            "give a BERT directory holding config.json, model.safetensors and the tokenizer"
+        ) from exc
 
 
 def load_stage1_into(model: Blip2, stage1: str | os.PathLike[str] | Blip2QFormer) -> None:
