@@ -55,7 +55,9 @@ class CapFilt:
             )
 
     @torch.no_grad()
-    def sample(self, model: Any, item: Item, pixels: torch.Tensor, prompt: str | None, generation: dict) -> list[str]:
+    def sample(
+        self, model: Any, item: Item, pixels: torch.Tensor, prompt: str | None, generation: dict[str, Any]
+    ) -> list[str]:
         """``candidates`` sampled captions of one image (pixels (1, 3, H, W)), distinct, seeded by its key."""
         kwargs = {**generation, **SAMPLING, "num_return_sequences": self.candidates}
         devices = [model.device] if model.device.type == "cuda" else []

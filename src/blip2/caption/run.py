@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +63,10 @@ def caption_dataset(
     capfilt: CapFilt | None = None,
     rank: int = 0,
     world_size: int = 1,
-    on_batch: Callable[[int], None] | None = None,
 ) -> Summary:
     """Caption this process's share of ``items`` into ``sink``; images the sink has are skipped.
 
     ``capfilt`` switches to CapFilt: sampled candidates, scored with the original text, the best kept.
-    ``on_batch`` (tests) is called with the number of batches written so far.
     """
     settings = settings or CaptionSettings()
     if not hasattr(model, "language_model"):
@@ -85,7 +82,6 @@ def caption_dataset(
         num_workers=settings.workers,
         collate_fn=collate,
         pin_memory=model.device.type == "cuda",
-        persistent_workers=False,
     )
     bar = tqdm(
         total=len(todo),
@@ -96,7 +92,7 @@ def caption_dataset(
         dynamic_ncols=True,
     )
     with bar:
-        for n, batch in enumerate(loader, 1):
+        for batch in loader:
             records = _caption_batch(model, batch, settings, capfilt)
             errors = [{"image": item.key, "error": reason} for item, reason in batch.failed]
             sink.write(records, errors)
@@ -104,8 +100,6 @@ def caption_dataset(
             summary.failed += len(errors)
             bar.update(len(records) + len(errors))
             bar.set_postfix(failed=summary.failed, refresh=False)
-            if on_batch is not None:
-                on_batch(n)
     sink.close()
     return summary
 
