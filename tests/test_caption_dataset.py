@@ -297,3 +297,38 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert_one_line(capsys.readouterr().err, "--scorer")
     assert main(["caption"]) == 2
     assert_one_line(capsys.readouterr().err, "--input")
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+def test_webdataset_shards_in_jsonl_out_resumable_and_split_by_shard(tmp_path: Path, model: Any) -> None:
+    from blip2.caption import caption_shards
+    from blip2.caption.shards import shard_urls
+    from blip2.data.webdataset import write_webdataset_shards
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (90, 90, 90), (250, 250, 0)]
+    samples: list[dict[str, Any]] = [{"key": f"s{i}", "image": image_bytes(colour=c)} for i, c in enumerate(colours)]
+    samples[1]["text"] = "a green picture"
+    samples[3]["image"] = b"not an image"
+    write_webdataset_shards(samples, tmp_path / "shards", samples_per_shard=2)
+    urls = shard_urls(str(tmp_path / "shards" / "shard-{000000..000002}.tar"))
+    assert urls == shard_urls(str(tmp_path / "shards" / "*.tar")) and urls is not None and len(urls) == 3
+
+    out = tmp_path / "out.jsonl"
+    summary = caption_shards(model, urls, JsonlSink(out), SETTINGS)
+    assert (summary.total, summary.captioned, summary.failed) == (5, 4, 1)
+    records = {r["image"]: r for r in _lines(out)}
+    good = [0, 1, 2, 4]
+    expected = model.caption([image_bytes(colour=colours[i]) for i in good], **GEN)
+    assert {k: r["caption"] for k, r in records.items()} == {f"s{i}": c for i, c in zip(good, expected, strict=True)}
+    assert records["s1"]["text"] == "a green picture"
+    assert [e["image"] for e in _lines(tmp_path / "out.errors.jsonl")] == ["s3"]
+    assert caption_shards(model, urls, JsonlSink(out), SETTINGS).total == 0  # all done: nothing decoded again
+
+    parts = [tmp_path / f"two.rank{r}-of-2.jsonl" for r in (0, 1)]
+    for rank, part in enumerate(parts):
+        caption_shards(model, urls, JsonlSink(part, tmp_path / "two.jsonl"), SETTINGS, None, rank, 2)
+    assert {r["image"] for r in _lines(parts[0])} == {"s0", "s1", "s4"}  # shards 0 and 2
+    assert merge_parts(tmp_path / "two.jsonl") == (4, 1)
+    assert sorted(_lines(tmp_path / "two.jsonl"), key=str) == sorted(_lines(out), key=str)

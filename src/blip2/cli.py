@@ -269,7 +269,8 @@ def _caption_arguments(p: argparse.ArgumentParser) -> None:
     _no_optimize(p)
     _common(p)
     d = p.add_argument_group("datasets (resumable; under torchrun each process writes OUT.rank{r}-of-{n}.jsonl)")
-    d.add_argument("--input", default=None, help="a folder (recursive), a glob, a .txt of paths, a .jsonl/.csv")
+    source_help = "a folder (recursive), a glob, a .txt of paths, a .jsonl/.csv, or shards-{000..009}.tar"
+    d.add_argument("--input", default=None, help=source_help)
     d.add_argument("--output", default=None, help="jsonl, appended: a rerun skips the images already in it")
     d.add_argument("--sidecar", action="store_true", help="write IMAGE.txt next to each image")
     d.add_argument("--image-column", default="image", help="the image path's column in a .jsonl/.csv")

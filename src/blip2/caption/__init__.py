@@ -1,8 +1,9 @@
-"""Caption whole datasets: folders, globs, path lists and annotation files in; jsonl or ``.txt`` sidecar files
-out; resumable after a kill; split over torchrun processes; CapFilt bootstrapping (`blip2 caption --input`)."""
+"""Caption whole datasets: folders, globs, path lists, annotation files and WebDataset shards in; jsonl or
+``.txt`` sidecar files out; resumable after a kill; split over torchrun processes; CapFilt bootstrapping
+(`blip2 caption --input`)."""
 
 from blip2.caption.capfilt import CapFilt
-from blip2.caption.run import CaptionSettings, Summary, caption_dataset, rank_and_world
+from blip2.caption.run import CaptionSettings, Summary, caption_dataset, caption_shards, rank_and_world
 from blip2.caption.sinks import JsonlSink, SidecarSink, merge_parts, part_path
 from blip2.caption.sources import Item, list_items
 
@@ -14,6 +15,7 @@ __all__ = [
     "SidecarSink",
     "Summary",
     "caption_dataset",
+    "caption_shards",
     "list_items",
     "merge_parts",
     "part_path",

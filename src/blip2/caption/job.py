@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blip2.caption.capfilt import CapFilt, Rerank
-from blip2.caption.run import CaptionSettings, Summary, caption_dataset, rank_and_world
+from blip2.caption.run import CaptionSettings, Summary, caption_dataset, caption_shards, rank_and_world
+from blip2.caption.shards import shard_urls
 from blip2.caption.sinks import JsonlSink, SidecarSink, Sink, part_path
 from blip2.caption.sources import list_items
 from blip2.checkpoints import load_for_inference
@@ -56,7 +57,10 @@ def run_job(job: CaptionJob) -> tuple[Path, Summary]:
     if output.suffix != ".jsonl":
         raise ValueError(f"--output must be a .jsonl file, got '{output}'")
     rank, world = rank_and_world()
-    items = list_items(job.input, job.image_column, job.text_column, job.image_root)
+    urls = shard_urls(job.input)
+    if urls is not None and job.sidecar:
+        raise ValueError("--sidecar writes next to image files; shards have none: use --output OUT.jsonl")
+    items = list_items(job.input, job.image_column, job.text_column, job.image_root) if urls is None else []
     device = process_device(job.device)
     model = load_for_inference(job.model, device, optimize=job.optimize)
     capfilt = None
@@ -65,6 +69,8 @@ def run_job(job: CaptionJob) -> tuple[Path, Summary]:
         capfilt = CapFilt(scorer, job.candidates, job.keep, job.rerank, job.seed)
     path = part_path(output, rank, world)
     log = JsonlSink(path, output)
+    if urls is not None:
+        return path, caption_shards(model, urls, log, job.settings, capfilt, rank, world)
     sink: Sink = SidecarSink(log) if job.sidecar else log
     return path, caption_dataset(model, items, sink, job.settings, capfilt, rank, world)
 

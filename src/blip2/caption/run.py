@@ -1,9 +1,11 @@
 """The dataset captioning loop: skip what is done, take this process's share, decode in DataLoader workers,
-caption a batch at a time, write each batch before the next.
+caption a batch at a time, write each batch before the next. WebDataset shards stream through
+`caption_shards` instead.
 
 Under torchrun (``RANK`` / ``WORLD_SIZE`` in the environment) process r takes the images whose index in the
-input is r modulo the world size, and writes its own part (`blip2.caption.sinks.part_path`); no process
-group is needed, so ranks never wait for each other. `blip2.caption.sinks.merge_parts` joins the parts.
+input is r modulo the world size (shards: the shards), and writes its own part
+(`blip2.caption.sinks.part_path`); no process group is needed, so ranks never wait for each other.
+`blip2.caption.sinks.merge_parts` joins the parts.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from blip2.caption.capfilt import CapFilt
-from blip2.caption.sinks import Sink
+from blip2.caption.shards import ShardItems
+from blip2.caption.sinks import JsonlSink, Sink
 from blip2.caption.sources import Batch, ImageItems, Item, collate
 from blip2.inference.tasks import caption_pixels, processor_for
 
@@ -68,23 +71,60 @@ def caption_dataset(
 
     ``capfilt`` switches to CapFilt: sampled candidates, scored with the original text, the best kept.
     """
-    settings = settings or CaptionSettings()
+    _check(model, capfilt)
+    share = my_share(items, rank, world_size)
+    todo = [item for item in share if not sink.is_done(item)]
+    summary = Summary(total=len(share), skipped=len(share) - len(todo))
+    return _run(
+        model, ImageItems(todo, processor_for(model)), len(todo), sink, summary, settings, capfilt, rank, world_size
+    )
+
+
+def caption_shards(
+    model: Any,
+    urls: list[str],
+    sink: JsonlSink,
+    settings: CaptionSettings | None = None,
+    capfilt: CapFilt | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Summary:
+    """`caption_dataset` over WebDataset shards (`blip2.caption.shards`): this process takes every
+    ``world_size``-th shard; the totals are unknown in advance (the bar shows the rate, no ETA)."""
+    _check(model, capfilt)
+    dataset = ShardItems(urls, processor_for(model), set(sink.done), rank, world_size)
+    return _run(model, dataset, None, sink, Summary(0, 0), settings, capfilt, rank, world_size)
+
+
+def _check(model: Any, capfilt: CapFilt | None) -> None:
     if not hasattr(model, "language_model"):
         raise ValueError("dataset captioning needs a stage-2 model (with an LLM); this is a stage-1 Q-Former")
     if capfilt is not None:
         capfilt.check_inputs(model)
-    share = my_share(items, rank, world_size)
-    todo = [item for item in share if not sink.is_done(item)]
-    summary = Summary(total=len(share), skipped=len(share) - len(todo))
+
+
+def _run(
+    model: Any,
+    dataset: Dataset,
+    total: int | None,
+    sink: Sink,
+    summary: Summary,
+    settings: CaptionSettings | None,
+    capfilt: CapFilt | None,
+    rank: int,
+    world_size: int,
+) -> Summary:
+    """The loop: batches decoded in workers, captioned, written (and flushed) before the next."""
+    settings = settings or CaptionSettings()
     loader = DataLoader(
-        ImageItems(todo, processor_for(model)),
+        dataset,
         batch_size=settings.batch_size,
         num_workers=settings.workers,
         collate_fn=collate,
         pin_memory=model.device.type == "cuda",
     )
     bar = tqdm(
-        total=len(todo),
+        total=total,
         unit="img",
         desc=f"caption rank {rank}/{world_size}" if world_size > 1 else "caption",
         disable=not settings.progress,
@@ -101,6 +141,8 @@ def caption_dataset(
             bar.update(len(records) + len(errors))
             bar.set_postfix(failed=summary.failed, refresh=False)
     sink.close()
+    if total is None:
+        summary.total = summary.captioned + summary.failed
     return summary
 
 
