@@ -173,6 +173,18 @@ def test_merge_parts_keeps_each_image_once_and_removes_the_parts(tmp_path: Path)
         merge_parts(tmp_path / "other.jsonl")
 
 
+def test_a_rerun_with_another_number_of_processes_skips_what_any_part_holds(tmp_path: Path, model: Any) -> None:
+    _images(tmp_path / "imgs", 5)
+    items = list_items(str(tmp_path / "imgs"))
+    out = tmp_path / "out.jsonl"
+    part = tmp_path / "out.rank1-of-2.jsonl"
+    first = caption_dataset(model, items, JsonlSink(part, out), SETTINGS, rank=1, world_size=2)
+    assert [r["image"] for r in _lines(part)] == [items[1].key, items[3].key] and first.total == 2
+    rest = caption_dataset(model, items, JsonlSink(out), SETTINGS)  # one process now: rank 1's share is done
+    assert (rest.skipped, rest.captioned) == (2, 3)
+    assert merge_parts(out) == (5, 0)
+
+
 @pytest.mark.multiprocess
 def test_two_processes_under_torchrun_equal_one_process(tmp_path: Path, tiny_model_dir: Any, model: Any) -> None:
     _images(tmp_path / "imgs", 7, bad=1)

@@ -1,7 +1,7 @@
 """The ``blip2`` command: a thin layer over the library's functions.
 
     blip2 caption IMG... [--model M] [--prompt P] [--json]
-    blip2 caption --input FOLDER|GLOB|list.txt|data.jsonl --output OUT.jsonl | --sidecar  [CapFilt options]
+    blip2 caption --input FOLDER|GLOB|list.txt|data.jsonl|shard-{0..9}.tar --output OUT.jsonl | --sidecar [CapFilt]
     blip2 caption --merge OUT.jsonl
     blip2 ask IMG QUESTION... [--model M] [--json]
     blip2 convert SRC DST [--to lavis|blip2] [--config PRESET|config.json] [--vision-weights eva_vit_g.pth]
