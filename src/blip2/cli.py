@@ -1,6 +1,8 @@
 """The ``blip2`` command: a thin layer over the library's functions.
 
     blip2 caption IMG... [--model M] [--prompt P] [--json]
+    blip2 caption --input FOLDER|GLOB|list.txt|data.jsonl|shard-{0..9}.tar --output OUT.jsonl | --sidecar [CapFilt]
+    blip2 caption --merge OUT.jsonl
     blip2 ask IMG QUESTION... [--model M] [--json]
     blip2 convert SRC DST [--to lavis|blip2] [--config PRESET|config.json] [--vision-weights eva_vit_g.pth]
     blip2 train --config configs/x.yaml [key=value ...]
@@ -36,6 +38,11 @@ def _print(result: Any, as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
+    if args.input is not None or args.merge is not None:
+        _caption_dataset(args)
+        return
+    if not args.images:
+        raise ValueError("name the images to caption, or a dataset with --input (see blip2 caption --help)")
     from blip2.checkpoints import load_for_inference
 
     model = load_for_inference(args.model, args.device, optimize=not args.no_optimize)
@@ -44,6 +51,39 @@ def cmd_caption(args: argparse.Namespace) -> None:
     captions = model.caption(args.images, prompt=args.prompt, **kwargs)
     result = [{"image": str(i), "caption": c} for i, c in zip(args.images, captions, strict=True)]
     _print(result, args.json, [f"{r['image']}: {r['caption']}" for r in result])
+
+
+def _caption_dataset(args: argparse.Namespace) -> None:
+    from blip2.caption import CaptionSettings, merge_parts
+    from blip2.caption.job import CaptionJob, describe, run_job
+
+    if args.images or (args.input is not None and args.merge is not None):
+        raise ValueError("give image files, --input DATASET or --merge OUT.jsonl, one of them")
+    if args.merge is not None:
+        captioned, failed = merge_parts(args.merge)
+        print(f"merged {captioned} captioned and {failed} unreadable images into {args.merge}")
+        return
+    generation: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    settings = CaptionSettings(args.batch_size, args.workers, args.prompt, generation, not args.no_progress)
+    job = CaptionJob(
+        input=args.input,
+        model=args.model,
+        output=args.output,
+        sidecar=args.sidecar,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        image_root=args.image_root,
+        device=args.device,
+        optimize=not args.no_optimize,
+        settings=settings,
+        candidates=args.candidates,
+        scorer=args.scorer,
+        keep=args.keep,
+        rerank=args.rerank,
+        seed=args.seed,
+    )
+    path, summary = run_job(job)
+    print(describe(path, summary), file=sys.stderr)
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -157,6 +197,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -213,12 +263,30 @@ def _no_optimize(p: argparse.ArgumentParser) -> None:  # inference commands: pre
 
 
 def _caption_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="*")
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
     p.add_argument("--num-beams", type=positive_int, default=None, help="default: 5 (the official setting)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 30")
     _no_optimize(p)
     _common(p)
+    d = p.add_argument_group("datasets (resumable; under torchrun each process writes OUT.rank{r}-of-{n}.jsonl)")
+    source_help = "a folder (recursive), a glob, a .txt of paths, a .jsonl/.csv, or shards-{000..009}.tar"
+    d.add_argument("--input", default=None, help=source_help)
+    d.add_argument("--output", default=None, help="jsonl, appended: a rerun skips the images already in it")
+    d.add_argument("--sidecar", action="store_true", help="write IMAGE.txt next to each image")
+    d.add_argument("--image-column", default="image", help="the image path's column in a .jsonl/.csv")
+    d.add_argument("--text-column", default=None, help="the original (alt-)text column, scored by CapFilt")
+    d.add_argument("--image-root", default=None, help="folder the listed image paths are relative to")
+    d.add_argument("--batch-size", type=positive_int, default=16)
+    d.add_argument("--workers", type=non_negative_int, default=2, help="image decoding processes")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--merge", default=None, metavar="OUT.jsonl", help="merge the per-process parts of OUT.jsonl")
+    c = p.add_argument_group("CapFilt bootstrapping")
+    c.add_argument("--candidates", type=positive_int, default=None, help="sample N captions per image (top-p 0.9)")
+    c.add_argument("--scorer", default=None, help="stage-1 model whose image-text similarity ranks the captions")
+    c.add_argument("--keep", type=positive_int, default=2, help="captions kept per image (best first)")
+    c.add_argument("--rerank", choices=("itc", "itm"), default="itc", help="rank by ITC similarity or ITM match")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (mixed with each image's path)")
 
 
 def _ask_arguments(p: argparse.ArgumentParser) -> None:

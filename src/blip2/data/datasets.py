@@ -99,9 +99,10 @@ def _sample_generator(seed: int | None, epoch: int, index: int) -> torch.Generat
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_annotations(path: PathLike) -> list[dict[str, Any]]:
+def read_annotations(path: PathLike, image_column: str = "image") -> list[dict[str, Any]]:
     """Records from a ``.jsonl`` (one object per line), ``.json`` (a list of objects) or ``.csv``/``.tsv`` file.
 
+    Every record must name an image in ``image_column``.
     In CSV, a ``captions``/``answers`` cell holding a JSON list (``["a", "b"]``) is parsed as a list.
     Each record gets ``_where`` ("file:line") for error messages.
     """
@@ -119,12 +120,12 @@ def read_annotations(path: PathLike) -> list[dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-                records.append(_as_record(record, f"{path}:{line_no}"))
+                records.append(_as_record(record, f"{path}:{line_no}", image_column))
     elif suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records (for COCO files use CocoCaptionsDataset)")
-        records = [_as_record(r, f"{path}:item {i}") for i, r in enumerate(data)]
+        records = [_as_record(r, f"{path}:item {i}", image_column) for i, r in enumerate(data)]
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
@@ -134,17 +135,17 @@ def read_annotations(path: PathLike) -> list[dict[str, Any]]:
                     cell = record.get(key)
                     if isinstance(cell, str) and cell.lstrip().startswith("["):
                         record[key] = json.loads(cell)
-                records.append(_as_record(record, f"{path}:{line_no}"))
+                records.append(_as_record(record, f"{path}:{line_no}", image_column))
     else:
         raise ValueError(f"annotation file '{path}' must be .jsonl, .json, .csv or .tsv")
     return records
 
 
-def _as_record(record: Any, where: str) -> dict[str, Any]:
+def _as_record(record: Any, where: str, image_column: str = "image") -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-    if not record.get("image"):
-        raise ValueError(f"{where}: record has no 'image' (a path relative to the image root)")
+    if not record.get(image_column):
+        raise ValueError(f"{where}: record has no '{image_column}' (a path relative to the image root)")
     return {**record, "_where": where}
 
 

@@ -26,7 +26,14 @@ from blip2.data.datasets import PathLike, SkipLog, SkippedSample, Transform
 from blip2.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from blip2.data.transforms import transform_image
 
-__all__ = ["IMAGE_EXTENSIONS", "TEXT_EXTENSIONS", "WebDatasetShards", "expand_urls", "write_webdataset_shards"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TEXT_EXTENSIONS",
+    "WebDatasetShards",
+    "expand_urls",
+    "read_samples",
+    "write_webdataset_shards",
+]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_EXTENSIONS = ("txt", "text", "caption")
@@ -129,30 +136,7 @@ class WebDatasetShards(IterableDataset):
             yield sample if isinstance(sample, SkippedSample) else self._decode(sample, generator)
 
     def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any] | SkippedSample]:
-        """Group consecutive tar members by key into ``{"__key__", "__url__", ext: bytes}``."""
-        for url in urls:
-            current: dict[str, Any] | None = None
-            try:
-                with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        match = _KEY_RE.match(member.name)
-                        if match is None or Path(member.name).name.startswith((".", "_")):
-                            continue
-                        key, ext = match.group(1), match.group(2).lower()
-                        if current is not None and current["__key__"] != key:
-                            yield current
-                            current = None
-                        if current is None:
-                            current = {"__key__": key, "__url__": url}
-                        data = tar.extractfile(member)
-                        current[ext] = data.read() if data is not None else b""
-            except (OSError, tarfile.TarError, EOFError) as err:
-                current = None  # the sample being read is incomplete; the shard's record stands for it
-                yield self.skip_log.record(url, f"shard could not be read ({err}); the rest of it is skipped")
-            if current is not None:
-                yield current
+        return read_samples(urls, self.skip_log)
 
     def _decode(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any] | SkippedSample:
         where = f"{sample['__url__']}:{sample['__key__']}"
@@ -176,6 +160,34 @@ class WebDatasetShards(IterableDataset):
             return self.skip_log.record(f"{where}.{image_ext}", str(err))
         image, text = transform_image(self.transform, image, text, generator)
         return {"image": image, "text": text, "image_id": meta.get("image_id", sample["__key__"])}
+
+
+def read_samples(urls: Iterable[str], skip_log: SkipLog) -> Iterator[dict[str, Any] | SkippedSample]:
+    """The raw samples of tar shards, in order: consecutive members grouped by key into
+    ``{"__key__", "__url__", ext: bytes}``; an unreadable shard yields one `SkippedSample` (``skip_log``)."""
+    for url in urls:
+        current: dict[str, Any] | None = None
+        try:
+            with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    match = _KEY_RE.match(member.name)
+                    if match is None or Path(member.name).name.startswith((".", "_")):
+                        continue
+                    key, ext = match.group(1), match.group(2).lower()
+                    if current is not None and current["__key__"] != key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    data = tar.extractfile(member)
+                    current[ext] = data.read() if data is not None else b""
+        except (OSError, tarfile.TarError, EOFError) as err:
+            current = None  # the sample being read is incomplete; the shard's record stands for it
+            yield skip_log.record(url, f"shard could not be read ({err}); the rest of it is skipped")
+        if current is not None:
+            yield current
 
 
 def _sample_text(sample: Mapping[str, Any], meta: Mapping[str, Any], generator: torch.Generator) -> str | None:

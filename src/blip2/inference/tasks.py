@@ -97,19 +97,23 @@ def caption(
 ) -> list[str]:
     """One caption per image (optionally continuing ``prompt``, e.g. "a photo of")."""
     images = _as_list(images)
-    kwargs = _generation_kwargs(CAPTION_DEFAULTS, generation_kwargs)
     out: list[str] = []
     for part in _chunks(len(images), batch_size):
-        pixels = pixel_values(model, images[part])
-        if prompt:
-            ids, mask = llm_prompt_ids(model, [prompt] * pixels.shape[0])
-            generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kwargs)
-            out.extend(_decode(model, generated, ids.shape[1]))
-        else:
-            generated = model.generate(pixel_values=pixels, **kwargs)
-            prompt_len = 0 if model.is_encoder_decoder else _default_prompt_len(model)
-            out.extend(_decode(model, generated, prompt_len))
+        out.extend(caption_pixels(model, pixel_values(model, images[part]), prompt, **generation_kwargs))
     return out
+
+
+@torch.no_grad()
+def caption_pixels(model: Any, pixels: torch.Tensor, prompt: str | None = None, **generation_kwargs: Any) -> list[str]:
+    """Captions of preprocessed images ``pixels`` (B, 3, H, W): B * num_return_sequences strings, the
+    sequences of one image next to each other (as transformers returns them)."""
+    kwargs = _generation_kwargs(CAPTION_DEFAULTS, generation_kwargs)
+    if prompt:
+        ids, mask = llm_prompt_ids(model, [prompt] * pixels.shape[0])
+        generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kwargs)
+        return _decode(model, generated, ids.shape[1])
+    generated = model.generate(pixel_values=pixels, **kwargs)
+    return _decode(model, generated, 0 if model.is_encoder_decoder else _default_prompt_len(model))
 
 
 def _default_prompt_len(model: Any) -> int:
