@@ -337,3 +337,5 @@ def test_a_question_template_without_its_placeholder_is_refused(tiny: Blip2) -> 
         with pytest.raises(ValueError, match="exactly one '{}'"):
             tiny.answer(image, "what color?", prompt_template=template)
     assert len(tiny.answer(image, "what color?", prompt_template="Q: {} A:", max_new_tokens=2, num_beams=1)) == 1
+    # escaped braces are literal text (e.g. a described scene in front of the question)
+    assert len(tiny.answer(image, "what?", prompt_template="{{a}} Q: {} A:", max_new_tokens=2, num_beams=1)) == 1

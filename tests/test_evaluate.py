@@ -10,12 +10,13 @@ import torch
 
 import blip2.eval.captions as captions_module
 from blip2.data.scenes import write_split
+from blip2.data.text import clean_question
 from blip2.eval.captions import caption_metrics, simple_tokenize
 from blip2.eval.loaders import image_path, load_coco_captions, load_vqa
 from blip2.eval.retrieval import merge_reranked, retrieval_recall
 from blip2.eval.runner import eval_vqa, run_eval
 from blip2.eval.scenes import attribute_accuracy, load_scenes_eval
-from blip2.eval.vqa import clean_question, normalize_vqa_answer, postprocess_answer, vqa_accuracy, vqa_report, vqa_score
+from blip2.eval.vqa import normalize_vqa_answer, postprocess_answer, vqa_accuracy, vqa_report, vqa_score
 
 # ------------------------------------------------------------------------------------------------ retrieval
 

@@ -47,7 +47,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
     model = load_for_inference(args.model, args.device, optimize=not args.no_optimize)
     given = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
-    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else config.CAPTION_DEFAULTS
+    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else CAPTION_DEFAULTS
     captions = model.caption(args.images, prompt=args.prompt, **kwargs)
     result = [{"image": str(i), "caption": c} for i, c in zip(args.images, captions, strict=True)]
     _print(result, args.json, [f"{r['image']}: {r['caption']}" for r in result])
@@ -63,7 +63,8 @@ def _caption_dataset(args: argparse.Namespace) -> None:
         captioned, failed = merge_parts(args.merge)
         print(f"merged {captioned} captioned and {failed} unreadable images into {args.merge}")
         return
-    generation: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    given = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    generation: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else CAPTION_DEFAULTS
     settings = CaptionSettings(args.batch_size, args.workers, args.prompt, generation, not args.no_progress)
     job = CaptionJob(
         input=args.input,

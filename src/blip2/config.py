@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,14 +27,17 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # VQA evaluation (LAVIS ``vqav2_zeroshot_*_eval.yaml``) uses LAVIS_VQA_PROMPT instead.
 VQA_PROMPT = "Question: {} Answer:"
 LAVIS_VQA_PROMPT = "Question: {} Short answer:"
-# Generation defaults of the task API (`blip2.inference`): the official captioning settings (beam 5, 8-30
-# tokens) and a short-answer VQA setting.
 
 
 def check_question_template(template: str) -> str:
-    """``template`` if it holds exactly one ``{}`` (where the question goes) and no other braces; else a
-    ValueError naming it (a template without ``{}`` would silently drop every question)."""
-    if template.count("{}") != 1 or "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+    """``template`` if ``str.format`` finds exactly one bare ``{}`` in it, where the question goes (escaped
+    ``{{`` / ``}}`` are literal braces); else a ValueError naming it (a template without ``{}`` would silently
+    drop every question, and ``{0}`` / ``{q}`` / a stray brace fail or misplace it)."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        fields = []
+    if fields != [("", "", None)]:
         raise ValueError(
             f"a question template must hold exactly one '{{}}' (where the question goes) and no other braces, "
             f"got {template!r}"
@@ -41,6 +45,8 @@ def check_question_template(template: str) -> str:
     return template
 
 
+# Generation defaults of the task API (`blip2.inference`): the official captioning settings (beam 5, 8-30
+# tokens) and a short-answer VQA setting.
 CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
 VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 

@@ -2,7 +2,7 @@
 
 Zero-shot VQAv2 (``lavis/projects/blip2/eval/vqav2_zeroshot_opt_eval.yaml`` and ``..._flant5xl_eval.yaml``):
 prompt "Question: {} Short answer:" for OPT and FlanT5 alike, 5 beams, at most 10 new tokens (``max_len``),
-``min_len: 1``; questions cleaned by ``BlipQuestionProcessor`` (`blip2.eval.vqa.clean_question`). The length
+``min_len: 1``; questions cleaned by ``BlipQuestionProcessor`` (`blip2.data.text.clean_question`). The length
 penalty is not in the configs but in each model's ``predict_answers`` default: 0 for OPT
 (``blip2_opt.py``), -1 for FlanT5 (``blip2_t5.py``). ``min_len`` reaches Hugging Face ``generate`` as
 ``min_length``, which counts a decoder-only model's new tokens (the prompt is given as embeddings) but an

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from blip2.config import LAVIS_VQA_PROMPT, check_question_template
+from blip2.data.text import clean_question
 from blip2.eval.captions import caption_metrics
 from blip2.eval.loaders import EvalData, load_eval_data
 from blip2.eval.protocol import LAVIS_RETRIEVAL_K, eval_protocol, lavis_vqa_generation
 from blip2.eval.retrieval import retrieval_recall
-from blip2.eval.vqa import clean_question, postprocess_answer, vqa_report
+from blip2.eval.vqa import postprocess_answer, vqa_report
 
 _PER_ITEM = ("predictions", "raw_answers")
 
@@ -209,7 +210,7 @@ def run_eval(
             progress=progress,
         )
     if model is not None and questions is not None and annotations is not None:
-        wanted = {q: a for q, a in annotations.items() if questions[q]["image_id"] in kept or not references}
+        wanted = {q: a for q, a in annotations.items() if questions[q]["image_id"] in kept}
         if vqa_generation is None:
             vqa_generation = lavis_vqa_generation(model.config.llm.kind)
         result["vqa"] = eval_vqa(

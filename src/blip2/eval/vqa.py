@@ -1,4 +1,4 @@
-"""Zero-shot VQA: question cleaning, answer normalisation and the VQAv2 accuracy.
+"""Zero-shot VQA: answer normalisation and the VQAv2 accuracy (questions are cleaned by `blip2.data.text`).
 
 Pure functions of questions, predictions and reference answers; `blip2.eval.runner.eval_vqa` runs a model
 and calls them. Accuracies are fractions in [0, 1].
@@ -10,25 +10,6 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-# ---------------------------------------------------------------------------------------------- questions
-
-# LAVIS's question processor (`BlipQuestionProcessor.pre_question`, blip_processors.py, used by the zero-shot
-# VQAv2 configs) deletes these characters; '?' and ',' stay.
-_LAVIS_QUESTION_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
-LAVIS_QUESTION_MAX_WORDS = 50
-
-
-def clean_question(question: str, max_words: int = LAVIS_QUESTION_MAX_WORDS) -> str:
-    """A question as the authors' VQA evaluation feeds it to the LLM: lower-cased, ``.!"()*#:;~`` deleted,
-    trailing spaces stripped, cut to its first ``max_words`` space-separated words.
-
-    "What is the man's Shirt color?!" → "what is the man's shirt color?".
-    """
-    text = _LAVIS_QUESTION_PUNCTUATION.sub("", question.lower()).rstrip(" ")
-    words = text.split(" ")
-    return " ".join(words[:max_words]) if len(words) > max_words else text
-
 
 # ------------------------------------------------------------------------------------------------ answers
 
