@@ -77,6 +77,7 @@ def build_feature_cache(
             "process wrote it for different weights, preprocessing or images)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    encoder.to(device)  # in place: the frozen encoder runs where the images are sent
     features, bad = _encode_images(encoder, paths, processor, batch_size, dtype, device)  # (N, P, Dv)
     tmp = out / "features.safetensors.tmp"
     save_file({"features": features.contiguous()}, str(tmp))

@@ -19,6 +19,7 @@ from torch import nn
 from blip2.config import Blip2Config, from_name
 from blip2.data.collate import DecoderCollate, PrefixLMCollate, Stage1Collate
 from blip2.data.transforms import ImageProcessor, TrainTransform
+from blip2.distributed import pick_device
 from blip2.llm import stop_token_id
 from blip2.model import Blip2, Blip2QFormer
 from blip2.train.config import DataSection, ModelSection, TrainConfig, TrainConfigError, from_mapping, load_config
@@ -198,7 +199,10 @@ def _rank0_first(
 
 
 def build_dataset(
-    section: DataSection | Mapping[str, Any], model: Blip2 | Blip2QFormer, work_dir: Path
+    section: DataSection | Mapping[str, Any],
+    model: Blip2 | Blip2QFormer,
+    work_dir: Path,
+    device: torch.device | None = None,
 ) -> tuple[Any, dict[str, torch.Generator]]:
     """The training dataset and the generators the loop must checkpoint (for exact resume; none today: the
     datasets derive their randomness from (seed, epoch, index))."""
@@ -239,7 +243,7 @@ def build_dataset(
     if section.feature_cache:
         if section.augment:
             raise TrainConfigError("data.feature_cache needs data.augment=false: cached features cannot be augmented")
-        dataset = cached(dataset, model, Path(section.feature_cache))
+        dataset = cached(dataset, model, Path(section.feature_cache), device=device)
     return _cleaned(dataset, section), {}
 
 
@@ -252,7 +256,9 @@ def _cleaned(dataset: Any, section: DataSection) -> Any:
     return clean_captions(dataset, max_words=section.max_words)
 
 
-def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
+def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path, device: torch.device | None = None) -> Any:
+    """``dataset`` with its images replaced by the frozen encoder's features, encoded once on ``device``
+    (default: where the model is) by rank 0 and read by the others."""
     from blip2.data.feature_cache import CachedFeatureDataset, build_feature_cache, image_paths_of
 
     processor = ImageProcessor.from_vision_config(model.config.vision)
@@ -260,7 +266,7 @@ def cached(dataset: Any, model: Blip2 | Blip2QFormer, directory: Path) -> Any:
 
     def build(reuse_only: bool = False) -> torch.Tensor:
         return build_feature_cache(
-            model.vision_model, paths, processor, directory, device=model.device, reuse_only=reuse_only
+            model.vision_model, paths, processor, directory, device=device or model.device, reuse_only=reuse_only
         )
 
     # rank 0 encodes; the other ranks read its cache (and refuse one that does not match their encoder)
@@ -338,7 +344,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     else:
         configure_for_training(model, cfg.model)
     out = Path(cfg.output_dir)
-    dataset, generators = build_dataset(cfg.data, model, out)
+    # the frozen-feature cache is encoded on the run's device (the loop moves the model there only later)
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dataset, generators = build_dataset(cfg.data, model, out, device=device)
     collate = build_collate(dataclasses.asdict(cfg.data), model)
     metrics = run_training(cfg, model, dataset, collate, rng_generators=generators)
     rank = int(os.environ.get("RANK", "0"))
