@@ -114,6 +114,37 @@ def test_sidecar_files_next_to_each_image(tmp_path: Path, model: Any) -> None:
     assert not list((tmp_path / "imgs").rglob("*.tmp"))
 
 
+def test_webdataset_shards_out_train_as_they_are_and_resume_exactly_once(tmp_path: Path, model: Any) -> None:
+    """5 images, 2 per shard: 3 shards holding each image once with its own bytes and caption; a shard a run
+    finished but did not index (killed between the two) is not captioned again; the shards read back as
+    training data."""
+    from blip2.caption.sinks import ShardSink
+    from blip2.data.webdataset import WebDatasetShards
+
+    paths = _images(tmp_path / "imgs", 5, bad=1)
+    shards = tmp_path / "shards"
+    log = JsonlSink(shards / "captions.jsonl")
+    summary = caption_dataset(model, list_items(str(tmp_path / "imgs")), ShardSink(log, shards, 2), SETTINGS)
+    assert (summary.captioned, summary.failed) == (5, 1)
+    tars = sorted(shards.glob("shard-*.tar"))
+    assert [t.name for t in tars] == [f"shard-r0of1-{i:06d}.tar" for i in range(3)]
+    expected = dict(
+        zip(
+            [str(p.relative_to(tmp_path / "imgs")) for p in paths],
+            model.caption([str(p) for p in paths], **GEN),
+            strict=True,
+        )
+    )
+    samples = list(WebDatasetShards([str(t) for t in tars]))
+    assert sorted(s["text"] for s in samples) == sorted(expected.values())
+    # the index loses its last shard's lines (a kill after the rename): the shard itself still counts as done
+    index = shards / "captions.jsonl"
+    index.write_text("".join(line + "\n" for line in index.read_text().splitlines()[:-1]))
+    again = caption_dataset(model, list_items(str(tmp_path / "imgs")), ShardSink(JsonlSink(index), shards, 2), SETTINGS)
+    assert (again.captioned, again.skipped) == (0, 6)
+    assert len(list(shards.glob("shard-*.tar"))) == 3 and not list(shards.glob(".tmp-*"))
+
+
 def test_a_partial_last_line_is_cut_before_appending(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"image": "a", "caption": "x"}\n{"image": "b", "capt')

@@ -71,6 +71,8 @@ def _caption_dataset(args: argparse.Namespace) -> None:
         model=args.model,
         output=args.output,
         sidecar=args.sidecar,
+        shards=args.shards,
+        samples_per_shard=args.samples_per_shard,
         image_column=args.image_column,
         text_column=args.text_column,
         image_root=args.image_root,
@@ -275,6 +277,8 @@ def _caption_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--input", default=None, help=source_help)
     d.add_argument("--output", default=None, help="jsonl, appended: a rerun skips the images already in it")
     d.add_argument("--sidecar", action="store_true", help="write IMAGE.txt next to each image")
+    d.add_argument("--shards", default=None, metavar="DIR", help="write WebDataset shards (image + captions) here")
+    d.add_argument("--samples-per-shard", type=positive_int, default=1000)
     d.add_argument("--image-column", default="image", help="the image path's column in a .jsonl/.csv")
     d.add_argument("--text-column", default=None, help="the original (alt-)text column, scored by CapFilt")
     d.add_argument("--image-root", default=None, help="folder the listed image paths are relative to")

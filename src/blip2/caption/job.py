@@ -10,7 +10,7 @@ from pathlib import Path
 from blip2.caption.capfilt import CapFilt, Rerank
 from blip2.caption.run import CaptionSettings, Summary, caption_dataset, caption_shards, rank_and_world
 from blip2.caption.shards import shard_urls
-from blip2.caption.sinks import JsonlSink, SidecarSink, Sink, part_path
+from blip2.caption.sinks import JsonlSink, ShardSink, SidecarSink, Sink, part_path
 from blip2.caption.sources import list_items
 from blip2.checkpoints import load_for_inference
 
@@ -21,6 +21,8 @@ class CaptionJob:
     model: str
     output: str | None = None  # jsonl; default with --sidecar: <folder>/captions.jsonl
     sidecar: bool = False
+    shards: str | None = None  # write WebDataset shards into this folder (the jsonl stays the index)
+    samples_per_shard: int = 1000
     image_column: str = "image"
     text_column: str | None = None
     image_root: str | None = None
@@ -37,10 +39,12 @@ class CaptionJob:
 def output_path(job: CaptionJob) -> Path:
     if job.output is not None:
         return Path(job.output)
+    if job.shards is not None:
+        return Path(job.shards) / "captions.jsonl"
     if job.sidecar:
         folder = Path(job.input) if Path(job.input).is_dir() else Path()
         return folder / "captions.jsonl"
-    raise ValueError("give --output OUT.jsonl or --sidecar (a .txt next to each image)")
+    raise ValueError("give --output OUT.jsonl, --shards DIR or --sidecar (a .txt next to each image)")
 
 
 def process_device(device: str) -> str:
@@ -58,8 +62,10 @@ def run_job(job: CaptionJob) -> tuple[Path, Summary]:
         raise ValueError(f"--output must be a .jsonl file, got '{output}'")
     rank, world = rank_and_world()
     urls = shard_urls(job.input)
-    if urls is not None and job.sidecar:
-        raise ValueError("--sidecar writes next to image files; shards have none: use --output OUT.jsonl")
+    if urls is not None and (job.sidecar or job.shards is not None):
+        raise ValueError("--sidecar and --shards copy image files; input shards have none: use --output OUT.jsonl")
+    if job.sidecar and job.shards is not None:
+        raise ValueError("choose one of --sidecar and --shards")
     items = list_items(job.input, job.image_column, job.text_column, job.image_root) if urls is None else []
     device = process_device(job.device)
     model = load_for_inference(job.model, device, optimize=job.optimize)
@@ -71,7 +77,11 @@ def run_job(job: CaptionJob) -> tuple[Path, Summary]:
     log = JsonlSink(path, output)
     if urls is not None:
         return path, caption_shards(model, urls, log, job.settings, capfilt, rank, world)
-    sink: Sink = SidecarSink(log) if job.sidecar else log
+    sink: Sink = log
+    if job.sidecar:
+        sink = SidecarSink(log)
+    elif job.shards is not None:
+        sink = ShardSink(log, Path(job.shards), job.samples_per_shard, rank, world)
     return path, caption_dataset(model, items, sink, job.settings, capfilt, rank, world)
 
 

@@ -1,5 +1,5 @@
-"""Where captions go: a jsonl file (one record per image, appended and flushed per batch) or ``.txt`` sidecar
-files next to the images; and the merge of the per-rank parts of a multi-process run.
+"""Where captions go: a jsonl file (one record per image, appended and flushed per batch), ``.txt`` sidecar
+files next to the images, or WebDataset shards; and the merge of the per-rank parts of a multi-process run.
 
 Crash safety: a record is one line, written whole; a run killed mid-write leaves at most a partial last
 line, which the next run cuts off before appending (`repair`). What is in the output (captions, or the
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -187,3 +189,84 @@ def _merge_files(sources: Iterable[Path], target: Path) -> int:
         os.fsync(out.fileno())
     os.replace(tmp, target)
     return len(seen)
+
+
+class ShardSink:
+    """WebDataset tar shards of ``samples_per_shard`` images each: per image ``KEY.<ext>`` (the image file's
+    own bytes, not re-encoded), ``KEY.txt`` (the best caption) and ``KEY.json`` (the record: ``image`` = the
+    input's path or key, ``caption`` / ``captions`` / ``scores``), keys numbered by input position, so the
+    shards train as they are (`blip2.data.webdataset.WebDatasetShards`). ``log`` (a `JsonlSink`) keeps the
+    index and the unreadable images.
+
+    A shard is written whole (to a temporary folder, then renamed): a killed run loses at most the images of
+    the shard it was filling, and a rerun captions them again. What the shards already hold is done, also
+    when the kill came between a shard's rename and its index lines, so every image is in exactly one shard.
+    Shard names carry the rank (``shard-r0of8-000003.tar``), so processes never write the same file.
+    """
+
+    def __init__(self, log: JsonlSink, directory: Path, samples_per_shard: int, rank: int = 0, world: int = 1) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+        self.log = log
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(".tmp-*"):  # a shard a killed run was writing
+            shutil.rmtree(stale, ignore_errors=True)
+        self.samples_per_shard = samples_per_shard
+        self.prefix = f"shard-r{rank}of{world}"
+        self.in_shards = set(_shard_images(self.directory))
+        self.items: dict[str, Item] = {}
+        self.pending: list[dict[str, Any]] = []
+
+    def is_done(self, item: Item) -> bool:
+        self.items[item.key] = item
+        return self.log.is_done(item) or item.key in self.in_shards
+
+    def write(self, records: list[dict[str, Any]], errors: list[dict[str, Any]]) -> None:
+        self.log.write([], errors)
+        self.pending.extend(records)
+        while len(self.pending) >= self.samples_per_shard:
+            self._write_shard(self.pending[: self.samples_per_shard])
+            self.pending = self.pending[self.samples_per_shard :]
+
+    def _write_shard(self, records: list[dict[str, Any]]) -> None:
+        from blip2.data.webdataset import write_webdataset_shards
+
+        samples = []
+        for record in records:
+            item = self.items[record["image"]]
+            path = Path(item.path)
+            captions = record.get("captions") or [record.get("caption", "")]
+            samples.append(
+                {
+                    "key": f"{item.index:09d}",
+                    "image": path.read_bytes(),
+                    "image_ext": path.suffix.lstrip(".").lower() or "jpg",
+                    "text": captions[0],
+                    "json": record,
+                }
+            )
+        seq = len(list(self.directory.glob(f"{self.prefix}-*.tar")))
+        tmp = self.directory / f".tmp-{os.getpid()}"
+        (written,) = write_webdataset_shards(samples, tmp, len(samples), prefix=self.prefix)
+        os.replace(written, self.directory / f"{self.prefix}-{seq:06d}.tar")
+        tmp.rmdir()
+        self.log.write(records, [])
+        self.in_shards.update(r["image"] for r in records)
+
+    def close(self) -> None:
+        if self.pending:
+            self._write_shard(self.pending)
+            self.pending = []
+        self.log.close()
+
+
+def _shard_images(directory: Path) -> Iterator[str]:
+    """The ``image`` of every record in the finished shards of ``directory``."""
+    for shard in sorted(directory.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json") and (file := tar.extractfile(member)) is not None:
+                    record = json.loads(file.read())
+                    if isinstance(record, dict) and "image" in record:
+                        yield str(record["image"])
