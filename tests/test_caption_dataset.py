@@ -155,6 +155,7 @@ def test_a_partial_last_line_is_cut_before_appending(tmp_path: Path) -> None:
     assert out.read_bytes() == b""
 
 
+@pytest.mark.multiprocess
 def test_sigkill_mid_batch_then_rerun_captions_every_image_exactly_once(
     tmp_path: Path, tiny_model_dir: Any, model: Any
 ) -> None:

@@ -193,6 +193,7 @@ def test_resumed_run_at_max_steps_is_a_no_op(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- subprocesses
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """Dropout + generator-driven augmentation + shuffling + accumulation + an epoch boundary in between."""
     common = ["--steps", "10", "--accum", "2", "--save-every", "3", "--dropout", "0.3", "--augment"]

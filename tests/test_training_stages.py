@@ -102,6 +102,7 @@ def test_stage1_tokenizer_gives_cls_first() -> None:
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
 
 
+@pytest.mark.multiprocess
 def test_stage1_runs_are_bit_identical_with_default_threads(tmp_path: Path) -> None:
     """The README's claim, with torch's default thread count: two uninterrupted 8-step runs end equal, and a
     run killed (SIGKILL) after step 5 (checkpoint at 4) and resumed to 8 ends equal to them."""
