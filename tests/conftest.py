@@ -1,7 +1,7 @@
 """Shared test fixtures: image files and bytes, tiny model directories, and the torchrun launcher.
 
 Markers (pyproject.toml) sort tests by cost: ``slow`` (minutes; not in the default run), ``multiprocess``
-(gloo / torchrun subprocesses), ``browser`` (headless Chromium). The fast core runs in about a minute:
+(gloo / torchrun subprocesses), ``browser`` (headless Chromium). The fast core runs in about 50 s:
 ``pytest -m "not slow and not multiprocess and not browser"``.
 """
 
