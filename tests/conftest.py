@@ -111,13 +111,33 @@ def src_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# gloo (CPU) sometimes aborts one rank while the process group is torn down after all the work is done
+# ("terminate called without an active exception", exit -6; about 1 run in 10 here, torch 2.13). It is a
+# torch/gloo teardown race, not the code under test: the launchers below run such a job once more.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def gloo_teardown_abort(returncode: int, stderr: str) -> bool:
+    return returncode != 0 and GLOO_TEARDOWN_ABORT in stderr
+
+
 def run_torchrun(
-    script: str | Path, *args: str, nproc: int = 2, timeout: float = 300
+    script: str | Path,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 300,
+    finished: Callable[[], bool] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` under torchrun and fail with every rank's error lines if it does not exit 0."""
-    done = subprocess.run(
-        torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=src_env()
-    )
+    """Run ``script`` under torchrun and fail with every rank's error lines if it does not exit 0. A gloo
+    teardown abort (`GLOO_TEARDOWN_ABORT`) passes when ``finished()`` shows the work was all done; without
+    ``finished`` the job runs once more."""
+    command = torchrun_command(script, *args, nproc=nproc)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=src_env())
+    if gloo_teardown_abort(done.returncode, done.stderr):
+        if finished is not None and finished():
+            return done
+        if finished is None:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=src_env())
     if done.returncode != 0:  # each rank's own error lines first: the tail shows only the rank that outlived the other
         errors = [line for line in done.stderr.splitlines() if "Error" in line or "terminate" in line]
         pytest.fail(f"torchrun exited {done.returncode}:\n" + "\n".join(errors[-40:]) + "\n" + done.stderr[-3000:])

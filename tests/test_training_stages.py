@@ -165,7 +165,17 @@ def test_stage1_under_torchrun_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", "max_steps=3", "batch_size=2", "data.n=8", f"data.feature_cache={out / 'cache'}"]
     overrides += ["log_every=1", "save_every=3", "num_workers=0"]
-    run_torchrun("-m", "blip2.cli", "train", "--config", "configs/stage1_small.yaml", *overrides, timeout=600)
+    saved = out / "model" / "model.safetensors"  # written once every rank has trained: the work is done
+    run_torchrun(
+        "-m",
+        "blip2.cli",
+        "train",
+        "--config",
+        "configs/stage1_small.yaml",
+        *overrides,
+        timeout=600,
+        finished=saved.exists,
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (out / "model" / "model.safetensors").exists()
