@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import run_torchrun, tiny_train_config
 
 from blip2 import losses
 from blip2.config import tiny_config
@@ -348,7 +348,6 @@ def test_training_on_half_unreadable_images_skips_itm_and_resumes(tmp_path) -> N
     from PIL import Image
 
     from blip2.testing import make_tiny_model
-    from blip2.train.loop import TrainConfig
     from blip2.train.recipes import train
 
     data = Path(tmp_path) / "data"
@@ -357,21 +356,12 @@ def test_training_on_half_unreadable_images_skips_itm_and_resumes(tmp_path) -> N
     (data / "bad.png").write_bytes(b"not an image")
     records = [{"image": "good.png", "caption": "a red square"}, {"image": "bad.png", "caption": "a blue circle"}]
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data_section = {"kind": "jsonl", "annotations": str(data / "captions.jsonl"), "images": str(data)}
     cfg = dict(
-        output_dir=str(tmp_path / "run"),
-        batch_size=2,
-        lr=1e-3,
-        warmup_steps=0,
-        save_every=1,
-        log_every=1,
-        num_workers=0,
-        precision="fp32",
-        device="cpu",
-        model={"stage": 1},
-        data={"kind": "jsonl", "annotations": str(data / "captions.jsonl"), "images": str(data)},
+        batch_size=2, lr=1e-3, min_lr=1e-5, warmup_steps=0, seed=42, save_every=1, model={"stage": 1}, data=data_section
     )
-    train(TrainConfig(max_steps=2, **cfg), make_tiny_model(None, llm=None))
-    train(TrainConfig(max_steps=3, resume=True, **cfg), make_tiny_model(None, llm=None))
+    train(tiny_train_config(tmp_path / "run", max_steps=2, **cfg), make_tiny_model(None, llm=None))
+    train(tiny_train_config(tmp_path / "run", max_steps=3, resume=True, **cfg), make_tiny_model(None, llm=None))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["itm_skipped"] == 1.0 and r["loss_itm"] == 0.0 for r in rows), rows

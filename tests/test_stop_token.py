@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 from PIL import Image
 
 from blip2.config import LLMConfig, opt_2_7b, tiny_config
@@ -45,7 +46,6 @@ def test_opt_trained_with_the_stage2_recipe_stops_where_it_learned_to(tmp_path: 
     from tokenizers import processors
 
     from blip2.inference.tasks import pixel_values
-    from blip2.train.loop import TrainConfig
     from blip2.train.recipes import train
 
     tok = tiny_llm_tokenizer()  # "<s> caption": a BOS first, as OPT's tokenizer adds one
@@ -64,20 +64,17 @@ def test_opt_trained_with_the_stage2_recipe_stops_where_it_learned_to(tmp_path: 
         Image.new("RGB", (32, 32), (60 * i, 100, 200)).save(data / f"{i}.png")
     records = "".join(json.dumps({"image": f"{i}.png", "caption": "a red circle"}) + "\n" for i in range(4))
     (data / "captions.jsonl").write_text(records)
-    train_cfg = TrainConfig(
-        output_dir=str(tmp_path / "run"),
+    data_section = {"kind": "jsonl", "annotations": str(data / "captions.jsonl"), "images": str(data)}
+    train_cfg = tiny_train_config(
+        tmp_path / "run",
         max_steps=25,
-        batch_size=4,
         lr=2e-2,
         min_lr=2e-3,
         warmup_steps=0,
-        save_every=1000,
         log_every=25,
-        num_workers=0,
-        precision="fp32",
-        device="cpu",
+        seed=42,
         model={"stage": 2},
-        data={"kind": "jsonl", "annotations": str(data / "captions.jsonl"), "images": str(data)},
+        data=data_section,
     )
     train(train_cfg, model)
 
