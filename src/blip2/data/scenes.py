@@ -2,7 +2,7 @@
 
 The scenes make an offline BLIP-2 demo possible: every image is rendered from a small `Scene` description,
 so captions and question answers are exact, attributes can be scored from generated text
-(`caption_attributes`), and a held-out split tests compositional generalisation.
+(`caption_attributes`), and two extra evaluation splits test generalisation.
 
 Geometry conventions (all in pixels of an `image_size` x `image_size` image):
 
@@ -10,16 +10,27 @@ Geometry conventions (all in pixels of an `image_size` x `image_size` image):
   holds its centre: the middle cell is "center", the middle row's outer cells are "left" and "right", the
   middle column's outer cells are "top" and "bottom". Corner cells have no name, so no object is ever
   centred in one, and no two objects in a scene share a cell.
-  Centres are drawn near the middle of their cell (within 30% of a cell side), so a position is never a
-  borderline call.
-* A "small" object's bounding box side is 13-17% of the image side, a "large" one's 28-33%, so the two
-  sizes never get close.
+  Centres are drawn near the middle of their cell (within 30% of a cell side; 40% in "shifted"), so a
+  position is never a borderline call.
+* A "small" object's bounding box side is 13-17% of the image side, a "large" one's 28-33% (12-18% and
+  27-34% in "shifted"), so the two sizes never get close.
 * Objects never overlap: bounding boxes are kept at least `_GAP` pixels apart by rejection sampling.
+* The background is a mid grey (g, g, g) drawn per scene: g in [112, 144] in the training distribution,
+  in [92, 104] or [152, 164] in "shifted". Every grey differs in hue or lightness from every object colour.
 * The relation of object A to object B compares their centres along the axis where they differ more:
   "left of"/"right of" horizontally, "above"/"below" vertically.
 
-Held-out compositions: the (color, shape) pairs in `HELD_OUT_PAIRS` never appear in "train" or "val" images
-(nor in their question texts); every "test" image contains at least one of them.
+Splits (`SPLITS`); every split's examples are seeded by (split, seed, index), so splits are independent:
+
+* "train", "val", "test": one distribution. Only `TRAIN_PAIRS` appear, in images and in question texts.
+  "test" is the split of headline figures.
+* "compositional": every image contains at least one of `HELD_OUT_PAIRS`; "no" questions may name any pair.
+* "shifted": training pairs only, but other backgrounds, wider placement and size ranges, and questions in
+  held-out wordings (`HELD_OUT_WORDINGS`: new arrangements of words that training texts already use).
+
+Question wordings: `TRAIN_WORDINGS[type][0]` is the canonical wording, the one `make_questions` writes for
+every split but "shifted"; `sample_questions` draws any training wording (varied text for pretraining).
+`scene_vocabulary` lists every word any caption, question or answer can use.
 """
 
 from __future__ import annotations
@@ -49,9 +60,10 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-# Mid grey differs in hue or lightness from every object colour (white and black included).
+# Mid grey differs in hue or lightness from every object colour (white and black included). Scenes draw
+# their own grey (see `_BACKGROUND_RANGES`); this is the default of a hand-built `Scene`.
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional", "shifted")
 
 # One pair per colour at most and every shape still seen with >= 6 colours in training.
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
@@ -68,8 +80,20 @@ ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in S
 TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
 
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
-_SIZE_FRACTION: dict[str, tuple[float, float]] = {"small": (0.13, 0.17), "large": (0.28, 0.33)}
-_JITTER = 0.3  # object centres stay within +-30% of a cell side of the cell's centre
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """How a split draws its scenes: grey levels (inclusive integer ranges), box sides as fractions of the
+    image side, and how far (in cell sides) a centre may stray from its cell's centre."""
+
+    backgrounds: tuple[tuple[int, int], ...]
+    sizes: dict[str, tuple[float, float]]
+    jitter: float
+
+
+_TRAINING_DRAWING = _Drawing(((112, 144),), {"small": (0.13, 0.17), "large": (0.28, 0.33)}, 0.3)
+_SHIFTED_DRAWING = _Drawing(((92, 104), (152, 164)), {"small": (0.12, 0.18), "large": (0.27, 0.34)}, 0.4)
 # Grid cell (column, row) of each named position.
 _CELL_OF: dict[str, tuple[int, int]] = {
     "left": (0, 1),
@@ -94,6 +118,68 @@ _RELATION_PHRASE: dict[str, str] = {
 }
 _GAP = 4  # minimum pixels between two bounding boxes
 _MAX_TRIES = 200
+
+# Question wordings per type, as str.format templates over {shape}, {color} and {object} ("a red circle").
+# The first training wording is canonical. Every word of a held-out wording occurs in some training wording or
+# caption: held-out wordings test new arrangements of known words, not new words.
+TRAIN_WORDINGS: dict[str, tuple[str, ...]] = {
+    "count": (
+        "how many shapes are there?",
+        "how many objects are in the picture?",
+        "how many shapes can you see?",
+        "what number of shapes does the picture show?",
+    ),
+    "color": (
+        "what color is the {shape}?",
+        "which color is the {shape}?",
+        "what is the color of the {shape}?",
+        "what color does the {shape} have?",
+    ),
+    "shape": (
+        "what shape is the {color} object?",
+        "which shape is the {color} object?",
+        "what is the shape of the {color} object?",
+        "tell me the shape of the {color} object.",
+    ),
+    "position": (
+        "where is the {color} {shape}?",
+        "where in the picture is the {color} {shape}?",
+        "where can you see the {color} {shape}?",
+        "in which part of the picture is the {color} {shape}?",
+    ),
+    "exists": (
+        "is there {object}?",
+        "can you see {object}?",
+        "is there {object} in the picture?",
+        "do you see {object}?",
+    ),
+}
+HELD_OUT_WORDINGS: dict[str, tuple[str, ...]] = {
+    "count": (
+        "how many shapes does the picture show?",
+        "in the picture, how many objects are there?",
+    ),
+    "color": (
+        "the {shape} is what color?",
+        "which color does the {shape} have?",
+        "tell me the color of the {shape}.",
+    ),
+    "shape": (
+        "the {color} object is what shape?",
+        "what shape does the {color} object have?",
+        "which shape does the {color} object have?",
+    ),
+    "position": (
+        "the {color} {shape} is where?",
+        "where does the picture show the {color} {shape}?",
+        "which part of the picture is the {color} {shape} in?",
+    ),
+    "exists": (
+        "does the picture show {object}?",
+        "do you see {object} in the picture?",
+    ),
+}
+WORDING_MODES: tuple[str, ...] = ("canonical", "train", "held_out")
 
 
 @dataclass(frozen=True)
@@ -165,16 +251,19 @@ def _boxes_apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> 
     return a[2] + _GAP <= b[0] or b[2] + _GAP <= a[0] or a[3] + _GAP <= b[1] or b[3] + _GAP <= a[1]
 
 
-def _place(rng: random.Random, size: str, position: str, image_size: int) -> tuple[int, int, int, int]:
+def _place(
+    rng: random.Random, size: str, position: str, image_size: int, drawing: _Drawing = _TRAINING_DRAWING
+) -> tuple[int, int, int, int]:
     """A bbox of the given size, centred near the middle of `position`'s cell and inside the image."""
-    lo, hi = _SIZE_FRACTION[size]
+    lo, hi = drawing.sizes[size]
     side = round(rng.uniform(lo, hi) * image_size)
     col, row = _CELL_OF[position]
     cell = image_size / 3
     corners = []
     for index in (col, row):
-        center = (index + 0.5 + rng.uniform(-_JITTER, _JITTER)) * cell
-        # Clamping keeps the box inside the image; the centre stays in its cell because side < cell.
+        center = (index + 0.5 + rng.uniform(-drawing.jitter, drawing.jitter)) * cell
+        # Clamping keeps the box inside the image; it only moves an outer cell's centre towards the middle of
+        # the image, to side / 2 from the edge, which stays inside the outer cell because side < 2 cells.
         corners.append(round(min(max(center - side / 2, 0), image_size - side)))
     x0, y0 = corners
     return (x0, y0, x0 + side, y0 + side)
@@ -190,8 +279,8 @@ def _derive_seed(*parts: object) -> int:
 
 
 def _sample_pairs(rng: random.Random, n_objects: int, split: str) -> list[tuple[str, str]]:
-    """Distinct (color, shape) pairs; train/val avoid held-out pairs, test includes at least one."""
-    if split == "test":
+    """Distinct (color, shape) pairs: training pairs only, but at least one held-out pair in "compositional"."""
+    if split == "compositional":
         first = rng.choice(sorted(HELD_OUT_PAIRS))
         rest = rng.sample([p for p in ALL_PAIRS if p != first], n_objects - 1)
         pairs = [first, *rest]
@@ -200,8 +289,17 @@ def _sample_pairs(rng: random.Random, n_objects: int, split: str) -> list[tuple[
     return rng.sample(TRAIN_PAIRS, n_objects)
 
 
+def _background(rng: random.Random, drawing: _Drawing) -> tuple[int, int, int]:
+    """A grey drawn uniformly over the union of `drawing.backgrounds` (inclusive integer ranges)."""
+    levels = [g for lo, hi in drawing.backgrounds for g in range(lo, hi + 1)]
+    g = rng.choice(levels)
+    return (g, g, g)
+
+
 def sample_scene(rng: random.Random, split: str, image_size: int = 224) -> Scene:
-    """Rejection-sample a scene of 1-3 non-overlapping objects in distinct grid cells."""
+    """Rejection-sample a scene of 1-3 non-overlapping objects in distinct grid cells on a grey background."""
+    drawing = _SHIFTED_DRAWING if split == "shifted" else _TRAINING_DRAWING
+    background = _background(rng, drawing)
     for _ in range(_MAX_TRIES):
         n_objects = rng.randint(1, 3)
         pairs = _sample_pairs(rng, n_objects, split)
@@ -209,12 +307,12 @@ def sample_scene(rng: random.Random, split: str, image_size: int = 224) -> Scene
         objects: list[SceneObject] = []
         for (color, shape), position in zip(pairs, positions, strict=True):
             size = rng.choice(SIZES)
-            box = _place(rng, size, position, image_size)
+            box = _place(rng, size, position, image_size, drawing)
             if not all(_boxes_apart(box, o.bbox) for o in objects):
                 break
             objects.append(SceneObject(color, shape, size, position, box))
         if len(objects) == n_objects:
-            return Scene(tuple(objects), image_size)
+            return Scene(tuple(objects), image_size, background)
     raise RuntimeError(f"could not place objects in a {image_size}px image; use image_size >= 64")
 
 
@@ -319,26 +417,91 @@ def caption_attributes(caption: str) -> list[tuple[str | None, str, str]]:
 # ---------------------------------------------------------------------------------------------- questions
 
 
-def make_questions(scene: Scene, split: str, rng: random.Random) -> tuple[Question, ...]:
-    """Questions with single-word answers, only where the answer is unambiguous."""
+def _worded(kind: str, mode: str, rng: random.Random, **fields: str) -> str:
+    """A question of type `kind` in the canonical, a random training or a random held-out wording."""
+    if mode == "canonical":
+        template = TRAIN_WORDINGS[kind][0]  # draws nothing, so canonical questions keep the rng stream
+    elif mode == "train":
+        template = rng.choice(TRAIN_WORDINGS[kind])
+    elif mode == "held_out":
+        template = rng.choice(HELD_OUT_WORDINGS[kind])
+    else:
+        raise ValueError(f"unknown wording {mode!r}; expected one of {WORDING_MODES}")
+    return template.format(**fields)
+
+
+def _questions(
+    scene: Scene, rng: random.Random, no_pairs: tuple[tuple[str, str], ...], wording: str
+) -> tuple[Question, ...]:
+    """Questions with single-word answers, only where the answer is unambiguous: a color question only for a
+    shape the scene holds once, a shape question only for a color it holds once, one "yes" and one "no"
+    exists question (the "no" one naming a pair from `no_pairs` absent from the scene)."""
+    if wording not in WORDING_MODES:
+        raise ValueError(f"unknown wording {wording!r}; expected one of {WORDING_MODES}")
     objs = scene.objects
-    questions = [Question("how many shapes are there?", NUMBER_WORDS[len(objs)], "count")]
+    questions = [Question(_worded("count", wording, rng), NUMBER_WORDS[len(objs)], "count")]
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
     color_counts = {c: sum(o.color == c for o in objs) for c in COLORS}
     for obj in objs:
         if shape_counts[obj.shape] == 1:
-            questions.append(Question(f"what color is the {obj.shape}?", obj.color, "color"))
+            questions.append(Question(_worded("color", wording, rng, shape=obj.shape), obj.color, "color"))
         if color_counts[obj.color] == 1:
-            questions.append(Question(f"what shape is the {obj.color} object?", obj.shape, "shape"))
-        questions.append(Question(f"where is the {obj.color} {obj.shape}?", obj.position, "position"))
+            questions.append(Question(_worded("shape", wording, rng, color=obj.color), obj.shape, "shape"))
+        where = _worded("position", wording, rng, color=obj.color, shape=obj.shape)
+        questions.append(Question(where, obj.position, "position"))
     present = rng.choice(objs)
-    questions.append(Question(f"is there {_phrase(present, with_size=False)}?", "yes", "exists"))
-    # Train/val question texts never mention a held-out pair either.
-    candidates = ALL_PAIRS if split == "test" else TRAIN_PAIRS
+    questions.append(
+        Question(_worded("exists", wording, rng, object=_phrase(present, with_size=False)), "yes", "exists")
+    )
     in_scene = {(o.color, o.shape) for o in objs}
-    color, shape = rng.choice([p for p in candidates if p not in in_scene])
-    questions.append(Question(f"is there {_with_article(f'{color} {shape}')}?", "no", "exists"))
+    color, shape = rng.choice([p for p in no_pairs if p not in in_scene])
+    questions.append(
+        Question(_worded("exists", wording, rng, object=_with_article(f"{color} {shape}")), "no", "exists")
+    )
     return tuple(questions)
+
+
+def make_questions(scene: Scene, split: str, rng: random.Random) -> tuple[Question, ...]:
+    """A split's questions: canonical wordings, but held-out wordings in "shifted"; only "compositional"
+    questions may name a held-out pair (in its "no" exists question)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    no_pairs = ALL_PAIRS if split == "compositional" else TRAIN_PAIRS
+    return _questions(scene, rng, no_pairs, "held_out" if split == "shifted" else "canonical")
+
+
+def sample_questions(scene: Scene, rng: random.Random, wordings: str = "train") -> tuple[Question, ...]:
+    """The questions `make_questions` asks of `scene`, each in a random wording of `wordings` ("train",
+    "held_out" or "canonical"); "no" questions name training pairs only. For text-only pretraining on
+    varied wordings."""
+    return _questions(scene, rng, TRAIN_PAIRS, wordings)
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+
+_TOKEN = re.compile(r"[a-z]+|[?.,:]")
+# The fixed words of `make_captions` and `detailed_caption` (besides sizes, colors, shapes and number words).
+_CAPTION_WORDS = (
+    "a an the of and to on in at from picture shape shapes gray background left right top bottom center above below"
+).split()
+
+
+def text_tokens(text: str) -> list[str]:
+    """The words of `text` as `scene_vocabulary` counts them: lowercased, with "?", ".", "," and ":" as tokens
+    of their own; any other character is dropped."""
+    return _TOKEN.findall(text.lower())
+
+
+def scene_vocabulary() -> list[str]:
+    """Every word (see `text_tokens`) that a caption, `detailed_caption`, question (any training or held-out
+    wording) or answer can contain, sorted."""
+    words = {*_CAPTION_WORDS, ":", ",", *NUMBER_WORDS[1:], *SIZES, *COLORS, *SHAPES, *POSITIONS, "yes", "no"}
+    fills = {"shape": "", "color": "", "object": "a an"}  # {object} is an article, a color and a shape
+    for table in (TRAIN_WORDINGS, HELD_OUT_WORDINGS):
+        for templates in table.values():
+            for template in templates:
+                words.update(text_tokens(template.format(**fills)))
+    return sorted(words)
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -354,14 +517,15 @@ def make_example(split: str, index: int, seed: int, image_size: int = 224) -> Sc
 
 
 def make_split(name: str, n: int, seed: int = 0, image_size: int = 224) -> list[SceneExample]:
-    """`n` examples of split `name` ("train", "val" or "test"); images are rendered with `render`."""
+    """`n` examples of split `name` (one of `SPLITS`); images are rendered with `render`."""
     return [make_example(name, i, seed, image_size) for i in range(n)]
 
 
 def write_split(root: str | Path, name: str, n: int, seed: int = 0, image_size: int = 224) -> Path:
     """Write split `name` to `root/name/` and return that folder. Same arguments give identical bytes.
 
-    Layout: `images/{name}_{i:06d}.png`, `captions.jsonl`, `questions.jsonl`, and the COCO/VQA style
+    Layout: `images/{name}_{i:06d}.png`, `captions.jsonl` (captions, objects and the background grey per
+    image), `questions.jsonl`, and the COCO/VQA style
     `captions_coco.json`, `vqa_questions.json`, `vqa_annotations.json`. Image ids are the indices `i`;
     question ids are `i * 100 + k` for the image's k-th question. Paths in the files are relative to
     `root/name/`. VQA annotations repeat the single answer ten times, so the standard 10-answer accuracy
@@ -378,7 +542,14 @@ def write_split(root: str | Path, name: str, n: int, seed: int = 0, image_size: 
         rel_path = f"images/{name}_{image_id:06d}.png"
         render(example.scene).save(out / rel_path, format="PNG")
         objects = [o.to_dict() for o in example.scene.objects]
-        caption_lines.append({"image": rel_path, "captions": list(example.captions), "objects": objects})
+        caption_lines.append(
+            {
+                "image": rel_path,
+                "captions": list(example.captions),
+                "objects": objects,
+                "background": list(example.scene.background),
+            }
+        )
         coco["images"].append({"id": image_id, "file_name": rel_path})
         for caption in example.captions:
             coco["annotations"].append({"image_id": image_id, "id": len(coco["annotations"]), "caption": caption})
