@@ -50,7 +50,7 @@ def check_question_template(template: str) -> str:
 CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
 VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 
-VisionKind = Literal["blip2", "hf", "timm"]
+VisionKind = Literal["blip2", "hf", "timm", "cnn"]
 LLMKind = Literal["decoder", "encoder_decoder"]
 
 
@@ -65,6 +65,8 @@ class VisionConfig:
       - ``"hf"``: any Hugging Face vision model (CLIP, SigLIP, DINOv2 ...): ``model_id`` names it,
         ``feature_layer`` picks the hidden state (-2: penultimate, as in the paper).
       - ``"timm"``: a timm model named by ``model_id`` (optional extra).
+      - ``"cnn"``: a small convolutional encoder (`blip2.vision.SmallCNN`, ``hf_config`` holds its sizes): its
+        final feature map as tokens, with fixed 2-D sin/cos position features. The offline demo's encoder.
     """
 
     kind: VisionKind = "blip2"
@@ -193,6 +195,23 @@ def eva_vit_g(image_size: int = 224) -> VisionConfig:
         ),
         image_size=image_size,
         hidden_size=1408,
+    )
+
+
+def small_cnn(
+    width: int = 64, depth: int = 6, downsample: int = 3, position_features: int = 16, image_size: int = 64
+) -> VisionConfig:
+    """A small CNN encoder (`blip2.vision.SmallCNN`): ``depth`` 3x3 conv layers (BatchNorm, ReLU), every second
+    one of the first ``2 * downsample`` with stride 2, so a ``image_size`` image gives ``(image_size / 2**downsample)**2``
+    tokens of ``width + position_features`` features."""
+    config = {"width": width, "depth": depth, "downsample": downsample, "position_features": position_features}
+    return VisionConfig(
+        kind="cnn",
+        hf_config=config,
+        image_size=image_size,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.25, 0.25, 0.25),
+        hidden_size=width + position_features,
     )
 
 

@@ -104,6 +104,56 @@ class TimmVisionEncoder(nn.Module):
         return intermediates[0]
 
 
+class SmallCNN(nn.Module):
+    """A small convolutional image encoder (``VisionConfig(kind="cnn")``, preset `blip2.config.small_cnn`).
+
+    ``depth`` 3x3 conv layers, each BatchNorm + ReLU; of the first ``2 * downsample`` layers every second one has
+    stride 2. The last feature map (B, width, h, w) becomes h*w tokens, each with ``position_features`` fixed
+    2-D sin/cos features of its grid cell appended: the Q-Former's cross-attention has no position information
+    of its own, and a convolutional feature map holds little (a ViT adds learned position embeddings instead).
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        cfg = config.hf_config
+        width, depth, downsample = int(cfg["width"]), int(cfg["depth"]), int(cfg["downsample"])
+        self.position_features = int(cfg.get("position_features", 16))
+        if self.position_features % 4:
+            raise ValueError(f"SmallCNN position_features must be a multiple of 4, got {self.position_features}")
+        if depth < 2 * downsample:
+            raise ValueError(f"SmallCNN depth {depth} is less than 2 * downsample ({2 * downsample})")
+        layers: list[nn.Module] = []
+        channels = 3
+        for index in range(depth):
+            stride = 2 if index % 2 == 1 and index < 2 * downsample else 1
+            layers += [nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.layers = nn.Sequential(*layers)
+        self.hidden_size = width + self.position_features
+        self.grid = config.image_size // 2**downsample
+
+    def position_table(self, h: int, w: int) -> torch.Tensor:
+        """(h * w, position_features): sin/cos of row and column at geometric frequencies, row-major."""
+        quarter = self.position_features // 4
+        freqs = torch.pi * 2.0 ** torch.arange(quarter, dtype=torch.float32) / 2  # (F/4,)
+        rows = (torch.arange(h, dtype=torch.float32) + 0.5) / h  # (h,)
+        cols = (torch.arange(w, dtype=torch.float32) + 0.5) / w  # (w,)
+        r = rows[:, None, None] * freqs  # (h, 1, F/4)
+        c = cols[None, :, None] * freqs  # (1, w, F/4)
+        table = torch.cat(
+            [r.sin().expand(h, w, -1), r.cos().expand(h, w, -1), c.sin().expand(h, w, -1), c.cos().expand(h, w, -1)],
+            dim=-1,
+        )  # (h, w, F)
+        return table.reshape(h * w, self.position_features)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.layers(pixel_values)  # (B, width, h, w)
+        b, _, h, w = feats.shape
+        tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, width)
+        position = self.position_table(h, w).to(tokens)  # (h*w, F)
+        return torch.cat([tokens, position.expand(b, -1, -1)], dim=-1)  # (B, h*w, width + F)
+
+
 def build_vision_encoder(config: VisionConfig, pretrained: bool = False) -> nn.Module:
     """The frozen image encoder described by ``config`` (random weights unless ``pretrained``)."""
     if config.kind == "blip2":
@@ -112,8 +162,10 @@ def build_vision_encoder(config: VisionConfig, pretrained: bool = False) -> nn.M
         encoder = HFVisionEncoder(config, pretrained=pretrained)
     elif config.kind == "timm":
         encoder = TimmVisionEncoder(config, pretrained=pretrained)
+    elif config.kind == "cnn":
+        encoder = SmallCNN(config)
     else:
-        raise ValueError(f"unknown vision encoder kind {config.kind!r}; expected 'blip2', 'hf' or 'timm'")
+        raise ValueError(f"unknown vision encoder kind {config.kind!r}; expected 'blip2', 'hf', 'timm' or 'cnn'")
     if encoder.hidden_size != config.hidden_size:
         raise ValueError(
             f"vision encoder width is {encoder.hidden_size} but VisionConfig.hidden_size says {config.hidden_size}"
