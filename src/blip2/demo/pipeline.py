@@ -1,31 +1,38 @@
 """`blip2 demo`: BLIP-2 pretrained end to end on a laptop-class CPU, offline, then evaluated, with a report.
 
+BLIP-2's premise is two *competent* frozen unimodal models bridged by a Q-Former. No pretrained vision weights
+install offline, and the one small LLM that does (Gemma 3 270M) cannot answer questions about a scene it is
+told in words (its measured ceiling is in the README), so the demo pretrains both frozen parts first, each in
+its own stage and on its own modality, then runs BLIP-2's two stages as in the paper.
+
 Pipeline (each step cached under ``DIR/cache``, keyed by a hash of the settings it depends on, so a second run
 reuses finished work and a killed run resumes training from its last checkpoint):
 
-1. data:      synthetic scenes (`blip2.data.scenes`): a training split and the held-out test split, whose
-              every image holds a (color, shape) pair never seen in training.
-2. features:  a small ViT, CLIP-pretrained on the training split then frozen (`blip2.demo.encoder`),
-              encodes every training image once (`blip2.data.feature_cache`).
-3. stage 1:   Q-Former (from pretrained MiniLM-L6) on the cached features: ITC + ITM + ITG.
-4. stage 2:   the Q-Former's queries → Linear → soft visual prompt of the frozen Gemma 3 270M, LM loss on
-              captions only (no question is ever seen in training).
-              Both stages train on the library's datasets and batches (`blip2.data.feature_cache`,
-              `blip2.data.collate` via `blip2.train.recipes.collate_for_model`) with `blip2.train.loop`.
-5. evaluate:  retrieval (ITC shortlist + ITM re-rank), captions (CIDEr, BLEU-4, attribute accuracy) and
-              zero-shot VQA per question type, on the held-out split (`blip2.eval.runner.run_eval`).
-6. outputs:   ``DIR/model`` (stage 2, ``Blip2.from_pretrained``), ``DIR/qformer`` (stage 1, for retrieval),
-              ``DIR/metrics.json``, ``DIR/stage{1,2}_losses.png``, ``DIR/report.html``; the scenes in
-              ``DIR/data``.
+1. data:          synthetic scenes (`blip2.data.scenes`): ``train``; ``test`` (unseen scenes of the training
+                  distribution: every headline figure); ``compositional`` (each scene holds a colour-shape pair
+                  never seen in training); ``shifted`` (other background shades and placements, question
+                  wordings never seen in training).
+2. image encoder: a small CNN pretrained on fresh training-split scenes, supervised by their descriptions, then
+                  frozen (`blip2.demo.encoder`); a linear probe measures it alone; it encodes every training
+                  image once (`blip2.data.feature_cache`).
+3. LLM:           a small Llama pretrained on text only (descriptions, captions, questions and answers about
+                  described scenes), then frozen (`blip2.demo.text_llm`); its ceiling (the true description in
+                  words, then the question) measures it alone. Or Gemma 3 270M (``llm: gemma-3-270m``).
+4. stage 1:       Q-Former (from pretrained MiniLM-L6) on the cached features: ITC + ITM + ITG.
+5. stage 2:       the Q-Former's queries -> Linear -> soft visual prompt of the frozen LLM, LM loss on captions
+                  only: no question is ever paired with an image in training.
+6. evaluate:      retrieval (ITC shortlist + ITM re-rank), captions (attribute accuracy, CIDEr, BLEU-4) and
+                  zero-shot VQA per question type on each evaluation split (`blip2.eval.runner.run_eval`).
+7. outputs:       ``DIR/model`` (stage 2, ``Blip2.from_pretrained``), ``DIR/qformer`` (stage 1, for retrieval),
+                  ``DIR/metrics.json``, ``DIR/report.html``; the scenes in ``DIR/data``.
 
 The run recipe is ``configs/demo.yaml`` (`DemoSettings.load`); ``quick=True`` applies its ``quick:`` section:
-tiny random models and a few dozen images (for tests: seconds).
+tiny models and a few dozen images (for tests: seconds).
 
 Reproducibility: the demo runs under ``torch.use_deterministic_algorithms(True)``, so a second run from scratch
-on the same machine and thread count gives the same weights and figures. Without it, some CPU kernel that is
-not deterministic by default (not pinned down) made stage-1 weights of two runs differ at 1e-7 after ~15
-steps, and stage 2 amplified that into different captions and answers (zero-shot VQA 0.23 in one run, 0.07 in
-the next). It cost nothing measurable.
+on the same machine and thread count gives the same weights and figures (without it, an earlier version's
+stage-1 weights of two runs differed at 1e-7 after ~15 steps, and stage 2 amplified that into different
+answers).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip2.checkpoints.offline import ensure_cached_dir
+from blip2.checkpoints.offline import MARKER_FILE, ensure_cached_dir
 from blip2.data.datasets import ImageTextDataset
 from blip2.data.feature_cache import CachedFeatureDataset
 from blip2.data.scenes import detailed_caption
@@ -51,7 +58,7 @@ from blip2.demo.stages import build_stage1_model, build_stage2_model, is_done, m
 from blip2.model import Blip2, Blip2QFormer
 from blip2.train.recipes import collate_for_model
 
-DEMO_VERSION = 5  # part of every cache key: bump when the pipeline changes what a cached step holds
+DEMO_VERSION = 6  # part of every cache key: bump when the pipeline changes what a cached step holds
 
 MODEL_MARKER = "demo.json"
 
@@ -66,24 +73,31 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- data
     def data(self) -> Path:
-        """``DIR/data/{train,test}``: the scene files (rebuilt when the data settings change)."""
+        """``DIR/data/{train,test,compositional,shifted}``: the scene files (rebuilt when the data settings
+        change)."""
         from blip2.data.scenes import write_split
 
         s = self.s
 
         def build(tmp: Path) -> dict[str, Any]:
-            write_split(tmp, "train", s.n_train, seed=s.seed, image_size=s.render_size)
-            write_split(tmp, "test", s.n_test, seed=s.seed, image_size=s.render_size)
-            return {"n_train": s.n_train, "n_test": s.n_test}
+            for split, n in self.split_sizes().items():
+                write_split(tmp, split, n, seed=s.seed, image_size=s.render_size)
+            return self.split_sizes()
 
         return ensure_cached_dir(self.out / "data", build, expect={"config_hash": self.keys["data"]})
 
-    # ---------------------------------------------------------------------------------------- features
-    def features(self, data_dir: Path) -> dict[str, Any]:
-        """The frozen ViT's weights ("vit") and its features of the training images ("train", (N, P, Dv), in
-        `train_dataset` order), computed once into a `build_feature_cache` directory."""
+    def split_sizes(self) -> dict[str, int]:
+        s = self.s
+        return {"train": s.n_train, "test": s.n_test, "compositional": s.n_compositional, "shifted": s.n_shifted}
+
+    # ---------------------------------------------------------------------------------------- image encoder
+    def image_encoder(self, data_dir: Path) -> dict[str, Any]:
+        """Pretrain the CNN (supervised, fresh training-split scenes), freeze it, probe it, and encode every
+        training image once. Returns its weights ("weights"), the training features ("train", (N, P, Dv), in
+        `train_dataset` order), the probe's accuracies and the pretraining losses."""
         from blip2.data.feature_cache import build_feature_cache, image_paths_of, read_feature_cache
         from blip2.data.transforms import ImageProcessor
+        from blip2.demo.encoder import cell_labels, linear_probe, pretrain_encoder
         from blip2.vision import build_vision_encoder
 
         s, train = self.s, self.train_dataset(data_dir)
@@ -91,60 +105,105 @@ class Pipeline:
         def build(tmp: Path) -> dict[str, Any]:
             config = demo_config(s, with_llm=False).vision
             torch.manual_seed(s.seed)
-            vit = build_vision_encoder(config)  # seeded random init, then CLIP-pretrained and frozen
+            encoder = build_vision_encoder(config)  # seeded random init, then pretrained here and frozen
             processor = ImageProcessor.from_vision_config(config)
-            losses = self._pretrain_vit(vit, processor, train)
-            save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp / "vit.safetensors"))
-            feats = build_feature_cache(vit, image_paths_of(train), processor, tmp)  # (N, P, Dv)
-            return {"shape_per_image": list(feats.shape[1:]), "contrastive_losses": losses}
+            e = s.image_encoder
+            started = time.perf_counter()
+            losses = pretrain_encoder(encoder, processor, e.steps, e.batch_size, e.lr, s.seed, s.render_size)
+            train_time = round(time.perf_counter() - started, 1)
+            save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
+            feats = build_feature_cache(encoder, image_paths_of(train), processor, tmp)  # (N, P, Dv)
+            test = self.train_dataset(data_dir, split="test")
+            test_feats = _encode(encoder, processor, image_paths_of(test))  # (M, P, Dv)
+            probe = linear_probe(
+                feats,
+                torch.stack([cell_labels(objects) for objects in _objects_of(data_dir / "train")]),
+                test_feats,
+                torch.stack([cell_labels(objects) for objects in _objects_of(data_dir / "test")]),
+                steps=e.probe_steps,
+                seed=s.seed,
+            )
+            probe.update({"n_train": len(feats), "n_test": len(test_feats)})
+            return {"losses": losses, "probe": probe, "train_time_s": train_time}
 
-        key = self.keys["features"]
-        directory = ensure_cached_dir(self.cache / f"features-{key}", build, expect={"config_hash": key})
+        key = self.keys["image_encoder"]
+        directory = ensure_cached_dir(self.cache / f"image-encoder-{key}", build, expect={"config_hash": key})
+        marker = json.loads((directory / MARKER_FILE).read_text())
         return {
-            "vit": load_file(str(directory / "vit.safetensors")),
+            "weights": load_file(str(directory / "encoder.safetensors")),
             "train": read_feature_cache(directory)[0],
             "data_dir": data_dir,
+            "probe": marker["probe"],
+            "losses": marker["losses"],
+            "train_time_s": marker["train_time_s"],
         }
 
-    def _pretrain_vit(self, vit: torch.nn.Module, processor: Any, train: ImageTextDataset) -> list[float]:
-        from blip2.data.feature_cache import image_paths_of
-        from blip2.data.images import load_image
-        from blip2.demo.encoder import pretrain_vit_contrastive
+    # ---------------------------------------------------------------------------------------- LLM
+    def llm(self, data_dir: Path) -> dict[str, Any]:
+        """The frozen LLM: the demo's text LLM pretrained here (cached directory, transformers layout), or
+        Gemma 3 270M; with its ceiling on the test split (true description in words, then the question)."""
+        from blip2.demo.text_llm import pretrain_text_llm
 
-        pixels = processor([load_image(p) for p in image_paths_of(train)])  # (N, 3, H, W)
-        st = self.s.vit_pretrain
-        losses = pretrain_vit_contrastive(
-            vit,
-            pixels,
-            [entry.captions for entry in train.images],
-            st.steps,
-            st.batch_size,
-            lr=st.lr,
-            warmup_steps=st.warmup_steps,
-            min_lr=st.lr * st.min_lr_ratio,
-            weight_decay=st.weight_decay,
-            seed=self.s.seed,
+        s = self.s
+        llm_dir = None
+        info: dict[str, Any] = {"losses": [], "train_time_s": 0.0}
+        if s.llm == "demo":
+
+            def build(tmp: Path) -> dict[str, Any]:
+                started = time.perf_counter()
+                losses = pretrain_text_llm(s.text_llm, s.seed, tmp)
+                return {"losses": losses, "train_time_s": round(time.perf_counter() - started, 1)}
+
+            key = self.keys["llm"]
+            llm_dir = ensure_cached_dir(self.cache / f"llm-{key}", build, expect={"config_hash": key})
+            info = json.loads((llm_dir / MARKER_FILE).read_text())
+        config = demo_config(s, with_llm=True, llm_dir=llm_dir).llm
+        assert config is not None
+        ceiling_path = self.cache / f"llm-ceiling-{self.keys['llm']}.json"
+        if s.ceiling_images > 0 and not ceiling_path.is_file():
+            _write_json(ceiling_path, self._ceiling(config, data_dir))
+        ceiling = json.loads(ceiling_path.read_text()) if ceiling_path.is_file() else None
+        return {"dir": llm_dir, "config": config, "ceiling": ceiling, **info}
+
+    def _ceiling(self, config: Any, data_dir: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from blip2.demo.text_llm import description_ceiling
+        from blip2.llm import generation_stop_ids
+
+        assert config.model_id
+        model = AutoModelForCausalLM.from_pretrained(config.model_id, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(config.model_id)
+        s = self.s
+        return description_ceiling(
+            model,
+            tokenizer,
+            data_dir / "test",
+            template=s.vqa_template,
+            n_images=s.ceiling_images,
+            stop_ids=generation_stop_ids(config),
+            answer_words=s.answer_words,
+            max_new_tokens=int(s.vqa_generation.get("max_new_tokens", 4)),
         )
-        return [round(x, 4) for x in losses]
 
-    def train_dataset(self, data_dir: Path, detailed: bool = False) -> ImageTextDataset:
+    def train_dataset(self, data_dir: Path, detailed: bool = False, split: str = "train") -> ImageTextDataset:
         """The training split, one item per image with one of its captions drawn per (seed, epoch, index):
         the scene file's captions (stage 1), or with ``detailed`` the one caption that names everything in
         the scene (stage 2, `detailed_caption`)."""
-        split = data_dir / "train"
-        records: Any = split / "captions.jsonl"
+        split_dir = data_dir / split
+        records: Any = split_dir / "captions.jsonl"
         if detailed:
             rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = [{"image": r["image"], "captions": [detailed_caption(r["objects"])]} for r in rows]
-        return ImageTextDataset(records, image_root=split, mode="random_caption", seed=self.s.seed)
+        return ImageTextDataset(records, image_root=split_dir, mode="random_caption", seed=self.s.seed)
 
     # ---------------------------------------------------------------------------------------- stages 1, 2
     def stage1(self, features: dict[str, Any]) -> Blip2QFormer:
-        model = build_stage1_model(self.s, features["vit"])
+        model = build_stage1_model(self.s, features["weights"])
         return self._train(model, "stage1", features, self.s.stage1, self.s.seed)
 
-    def stage2(self, features: dict[str, Any], stage1: Blip2QFormer) -> Blip2:
-        model = build_stage2_model(self.s, stage1)
+    def stage2(self, features: dict[str, Any], llm: dict[str, Any], stage1: Blip2QFormer) -> Blip2:
+        model = build_stage2_model(self.s, stage1, llm["dir"])
         return self._train(model, "stage2", features, self.s.stage2, self.s.seed + 1)
 
     def _train(self, model: Any, stage: str, features: dict[str, Any], settings: StageSettings, seed: int) -> Any:
@@ -162,39 +221,42 @@ class Pipeline:
         return model.eval()
 
     # ---------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, data_dir: Path, stage1: Blip2QFormer, stage2: Blip2) -> dict[str, Any]:
+    def evaluate(self, data_dir: Path, stage1: Blip2QFormer, stage2: Blip2) -> dict[str, dict[str, Any]]:
+        """`run_eval` on every evaluation split (retrieval, captions, zero-shot VQA), predictions kept."""
         from blip2.eval.runner import run_eval
 
         s, key = self.s, self.keys["eval"]
         path = self.cache / f"eval-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        results = run_eval(
-            model=stage2,
-            retrieval_model=stage1,
-            scenes=data_dir / "test",
-            caption_prompt=s.caption_prompt or None,
-            caption_generation=s.caption_generation,
-            vqa_template=s.vqa_template,
-            vqa_generation=s.vqa_generation,
-            answer_words=s.answer_words,
-            retrieval_k=s.retrieval_k,
-            caption_metric_names=s.caption_metrics,
-            batch_size=s.eval_batch_size,
-            keep_predictions=True,
-        )
-        if s.vqa_true_caption_images > 0:
-            results["vqa_true_caption"] = true_description_ceiling(stage2, data_dir / "test", s)
+        results = {}
+        for split in EVAL_SPLITS:
+            if self.split_sizes()[split] == 0:
+                continue
+            results[split] = run_eval(
+                model=stage2,
+                retrieval_model=stage1,
+                scenes=data_dir / split,
+                caption_prompt=s.caption_prompt or None,
+                caption_generation=s.caption_generation,
+                vqa_template=s.vqa_template,
+                vqa_generation=s.vqa_generation,
+                answer_words=s.answer_words,
+                retrieval_k=s.retrieval_k,
+                caption_metric_names=s.caption_metrics,
+                batch_size=s.eval_batch_size,
+                keep_predictions=True,
+            )
+            if split == "compositional":
+                results[split]["held_out_pairs"] = held_out_pair_scores(data_dir / split, results[split])
         self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results))
-        tmp.replace(path)
-        return results
+        _write_json(path, results)
+        return json.loads(path.read_text())  # the same (JSON) keys on a fresh run as on a cached one
 
     # ---------------------------------------------------------------------------------------- outputs
     def save_models(self, stage1: Blip2QFormer, stage2: Blip2) -> None:
         """``DIR/qformer`` (stage 1) and ``DIR/model`` (stage 2, with the LLM's tokenizer); skipped when
-        the directories already hold these weights. Loss plots are copied next to them."""
+        the directories already hold these weights."""
         for name, model, key in (("qformer", stage1, "stage1"), ("model", stage2, "stage2")):
             target = self.out / name
             marker = target / MODEL_MARKER
@@ -203,10 +265,6 @@ class Pipeline:
             shutil.rmtree(target, ignore_errors=True)
             model.save_pretrained(target)
             marker.write_text(json.dumps({"config_hash": self.keys[key], "settings": self.s.to_dict()}, indent=2))
-        for stage in ("stage1", "stage2"):
-            plot = self.cache / f"{stage}-{self.keys[stage]}" / "losses.png"
-            if plot.is_file():
-                shutil.copyfile(plot, self.out / f"{stage}_losses.png")
 
     def training_log(self, stage: str) -> list[dict[str, Any]]:
         path = self.cache / f"{stage}-{self.keys[stage]}" / "metrics.jsonl"
@@ -214,8 +272,29 @@ class Pipeline:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def metrics(self, results: dict[str, Any], times: dict[str, float], wall: float, rss: float) -> dict[str, Any]:
-        training = {}
+    def losses(self, encoder: dict[str, Any], llm: dict[str, Any]) -> dict[str, list[float]]:
+        """The loss curves of the four stages, for the report."""
+        return {
+            "image encoder": list(encoder.get("losses") or []),
+            "language model": list(llm.get("losses") or []),
+            "stage 1": [row["loss"] for row in self.training_log("stage1") if "loss" in row],
+            "stage 2": [row["loss"] for row in self.training_log("stage2") if "loss" in row],
+        }
+
+    def metrics(
+        self,
+        results: dict[str, dict[str, Any]],
+        encoder: dict[str, Any],
+        llm: dict[str, Any],
+        times: dict[str, float],
+        wall: float,
+        rss: float,
+    ) -> dict[str, Any]:
+        llm_steps = self.s.text_llm.steps if self.s.llm == "demo" else 0
+        training: dict[str, Any] = {
+            "image_encoder": _curve(encoder["losses"], self.s.image_encoder.steps, encoder["train_time_s"]),
+            "llm": _curve(llm.get("losses") or [], llm_steps, llm.get("train_time_s")),
+        }
         for stage in ("stage1", "stage2"):
             log = self.training_log(stage)
             training[stage] = {
@@ -228,67 +307,114 @@ class Pipeline:
             "wall_time_s": round(wall, 1),
             "peak_rss_mb": rss,
             "timings_s": times,
-            "headline": headline(results),
-            "retrieval": results.get("retrieval"),
-            "captions": results.get("captions"),
-            "vqa": results.get("vqa"),
-            "vqa_true_caption": results.get("vqa_true_caption"),
+            "headline": headline(results.get("test") or {}),
+            "targets": dict(self.s.targets),
+            "image_encoder_probe": encoder["probe"],
+            "llm_name": LLM_NAMES[self.s.llm],
+            "llm_ceiling": _ceiling_summary(llm.get("ceiling"), LLM_NAMES[self.s.llm]),
+            "splits": {split: without_predictions(r) for split, r in results.items()},
             "training": training,
             "settings": self.s.to_dict(),
             "cache_keys": self.keys,
             "torch_threads": torch.get_num_threads(),
         }
 
-    def report(self, data_dir: Path, results: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    def report(
+        self, data_dir: Path, results: dict[str, Any], metrics: dict[str, Any], losses: dict[str, list[float]]
+    ) -> Path:
         from blip2.demo.report import write_report
 
-        plots = [p for p in (self.out / "stage1_losses.png", self.out / "stage2_losses.png") if p.is_file()]
-        return write_report(self.out / "report.html", data_dir / "test", results, metrics, plots, self.s.n_report)
+        split_dirs = {split: data_dir / split for split in results}
+        return write_report(self.out / "report.html", split_dirs, results, metrics, losses, self.s.n_report)
 
 
-def true_description_ceiling(model: Blip2, split_dir: Path, s: DemoSettings) -> dict[str, Any]:
-    """The frozen LLM's ceiling: VQA on the first ``s.vqa_true_caption_images`` test images with the true scene
-    description written before each question (the visual prompt still there)."""
-    from blip2.data.scenes import detailed_caption
-    from blip2.eval.runner import eval_vqa
+EVAL_SPLITS = ("test", "compositional", "shifted")
+LLM_NAMES = {"demo": "the demo's text LLM (Llama, pretrained here on text only)", "gemma-3-270m": "Gemma 3 270M"}
+
+
+def _curve(losses: list[float], steps: int, seconds: float | None) -> dict[str, Any]:
+    return {
+        "steps": steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_time_s": seconds,
+    }
+
+
+def _ceiling_summary(report: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keys = ("overall", "per_type", "n_questions", "n_images")
+    return {"llm": name, **{k: report.get(k) for k in keys}}
+
+
+def without_predictions(result: dict[str, Any]) -> dict[str, Any]:
+    """A split's `run_eval` result without its per-item predictions (metrics.json keeps the figures)."""
+    from blip2.eval.runner import without_predictions as drop
+
+    return {**drop(result), **({"held_out_pairs": result["held_out_pairs"]} if "held_out_pairs" in result else {})}
+
+
+def held_out_pair_scores(split_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """On the compositional split: of the objects whose colour-shape pair was held out of training, the share
+    its caption names right (colour and shape, size right or unstated); and zero-shot VQA on the questions about
+    a held-out object (naming its pair, "where is the purple triangle?", or asking its colour by its shape, its
+    shape by its colour)."""
+    from blip2.data.scenes import HELD_OUT_PAIRS, caption_attributes
     from blip2.eval.scenes import load_scenes_eval
+    from blip2.eval.vqa import vqa_score
 
     data = load_scenes_eval(split_dir)
-    first = list(data["paths"])[: s.vqa_true_caption_images]
-    first_set = set(first)
-    told = {q: a for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in first_set}
-    report = eval_vqa(
-        model,
-        data["questions"],
-        told,
-        data["paths"],
-        template=s.vqa_template,
-        generation=s.vqa_generation,
-        answer_words=s.answer_words,
-        batch_size=s.eval_batch_size,
-        context={i: detailed_caption(data["objects"][i]) for i in first},
-    )
-    report.update({"context": "true description", "n_images": len(first)})
-    return report
+    captions = (result.get("captions") or {}).get("predictions") or {}
+    named = total = 0
+    for image_id, objects in data["objects"].items():
+        caption = captions.get(image_id, captions.get(str(image_id)))
+        if caption is None:
+            continue
+        mentions = caption_attributes(str(caption))
+        for obj in objects:
+            if (obj["color"], obj["shape"]) not in HELD_OUT_PAIRS:
+                continue
+            total += 1
+            sizes = {size for size, c, sh in mentions if (c, sh) == (obj["color"], obj["shape"])}
+            named += bool(sizes) and (None in sizes or obj["size"] in sizes)
+    predictions = (result.get("vqa") or {}).get("predictions") or {}
+    scores = []
+    for qid, question in data["questions"].items():
+        held = [o for o in data["objects"][question["image_id"]] if (o["color"], o["shape"]) in HELD_OUT_PAIRS]
+        text, kind = question["question"].lower(), data["annotations"][qid].get("question_type")
+        about = any(
+            f"{o['color']} {o['shape']}" in text
+            or (kind == "color" and o["shape"] in text)
+            or (kind == "shape" and o["color"] in text)
+            for o in held
+        )
+        prediction = predictions.get(qid, predictions.get(str(qid)))
+        if about and prediction is not None:
+            scores.append(vqa_score(prediction, data["annotations"][qid]["answers"]))
+    return {
+        "caption_attribute_accuracy": named / total if total else None,
+        "n_objects": total,
+        "vqa": sum(scores) / len(scores) if scores else None,
+        "n_questions": len(scores),
+    }
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
-    """The figures the demo is judged by."""
+    """The figures the demo is judged by (on the test split), under plain names."""
     retrieval = results.get("retrieval") or {}
     captions = results.get("captions") or {}
     vqa = results.get("vqa") or {}
     attributes = captions.get("attributes") or {}
     return {
-        "i2t_r1": retrieval.get("i2t_r1"),
-        "t2i_r1": retrieval.get("t2i_r1"),
+        "image_to_text_R@1": retrieval.get("i2t_r1"),
+        "text_to_image_R@1": retrieval.get("t2i_r1"),
         "caption_attribute_accuracy": attributes.get("object"),
-        "caption_exact": attributes.get("exact"),
+        "captions_naming_every_object": attributes.get("exact"),
         "CIDEr": captions.get("CIDEr"),
         "BLEU-4": captions.get("BLEU-4"),
-        "vqa_overall": vqa.get("overall"),
-        "vqa_per_type": vqa.get("per_type"),
-        "vqa_true_caption_overall": (results.get("vqa_true_caption") or {}).get("overall"),
-        "vqa_true_caption_per_type": (results.get("vqa_true_caption") or {}).get("per_type"),
+        "zero_shot_vqa": vqa.get("overall"),
+        "zero_shot_vqa_per_type": vqa.get("per_type"),
     }
 
 
@@ -303,16 +429,24 @@ def _hash(*parts: Any) -> str:
 def cache_keys(s: DemoSettings) -> dict[str, str]:
     """One key per cached step, each covering the settings that step and the steps before it depend on."""
     d = s.to_dict()
-    data = _hash("data", s.seed, s.n_train, s.n_test, s.render_size)
-    vision = ("vision", s.image_size, s.patch_size, s.vit_width, s.vit_layers, s.vit_heads, s.tiny, d["vit_pretrain"])
-    features = _hash(data, vision, s.seed)
-    qformer = (s.num_query_tokens, s.cross_attention_frequency, s.qformer_dropout, s.max_text_tokens)
-    stage1 = _hash(features, "stage1", d["stage1"], qformer)
-    stage2 = _hash(stage1, "stage2", d["stage2"], s.caption_prompt)
+    data = _hash("data", s.seed, s.n_train, s.n_test, s.n_compositional, s.n_shifted, s.render_size)
+    image_encoder = _hash(data, "image_encoder", d["image_encoder"], s.seed)
+    text_llm = d["text_llm"] if s.llm == "demo" else None
+    llm = _hash("llm", s.llm, text_llm, s.seed, data, s.ceiling_images, s.vqa_template, s.answer_words)
+    qformer = (s.num_query_tokens, s.cross_attention_frequency, s.qformer_dropout, s.max_text_tokens, s.tiny)
+    stage1 = _hash(image_encoder, "stage1", d["stage1"], qformer)
+    stage2 = _hash(stage1, llm, "stage2", d["stage2"], s.caption_prompt)
     keys = ("caption_generation", "vqa_template", "vqa_generation", "answer_words", "retrieval_k", "caption_metrics")
-    keys += ("eval_batch_size", "vqa_true_caption_images")
+    keys += ("eval_batch_size",)
     evaluation = _hash(stage2, "eval", {k: d[k] for k in keys})
-    return {"data": data, "features": features, "stage1": stage1, "stage2": stage2, "eval": evaluation}
+    return {
+        "data": data,
+        "image_encoder": image_encoder,
+        "llm": llm,
+        "stage1": stage1,
+        "stage2": stage2,
+        "eval": evaluation,
+    }
 
 
 class _Timer:
@@ -335,10 +469,15 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_demo(output: Path, quick: bool = False, settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole demo into ``output`` and return the metrics written to ``metrics.json``."""
+def run_demo(
+    output: Path, quick: bool = False, settings: DemoSettings | None = None, llm: str | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the whole demo into ``output`` and return the metrics written to ``metrics.json``.
+    ``llm`` overrides the settings' frozen LLM ("demo" or "gemma-3-270m")."""
     started = time.perf_counter()
     settings = settings or DemoSettings.load(quick=quick)
+    if llm is not None:
+        settings = DemoSettings.from_dict({**settings.to_dict(), "llm": llm})
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if settings.tiny:
@@ -358,14 +497,15 @@ def _run(output: Path, settings: DemoSettings, started: float) -> dict[str, Any]
     pipeline = Pipeline(settings, output, cache_keys(settings))
     timer = _Timer()
     data_dir = timer.run("data", pipeline.data)
-    features = timer.run("features", pipeline.features, data_dir)
-    stage1 = timer.run("stage1", pipeline.stage1, features)
-    stage2 = timer.run("stage2", pipeline.stage2, features, stage1)
+    encoder = timer.run("image_encoder", pipeline.image_encoder, data_dir)
+    llm = timer.run("llm", pipeline.llm, data_dir)
+    stage1 = timer.run("stage1", pipeline.stage1, encoder)
+    stage2 = timer.run("stage2", pipeline.stage2, encoder, llm, stage1)
     results = timer.run("evaluate", pipeline.evaluate, data_dir, stage1, stage2)
     timer.run("save_models", pipeline.save_models, stage1, stage2)
-    metrics = pipeline.metrics(results, timer.times, time.perf_counter() - started, peak_rss_mb())
+    metrics = pipeline.metrics(results, encoder, llm, timer.times, time.perf_counter() - started, peak_rss_mb())
     _write_json(output / "metrics.json", metrics)
-    timer.run("report", pipeline.report, data_dir, results, metrics)
+    timer.run("report", pipeline.report, data_dir, results, metrics, pipeline.losses(encoder, llm))
     metrics["timings_s"]["report"] = timer.times["report"]
     metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
     metrics["peak_rss_mb"] = peak_rss_mb()
@@ -378,3 +518,20 @@ def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2))
     tmp.replace(path)
+
+
+def _objects_of(split_dir: Path) -> list[list[dict[str, Any]]]:
+    """Each image's objects, in the order of the split's captions.jsonl (the order of its datasets)."""
+    lines = (split_dir / "captions.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["objects"] for line in lines if line.strip()]
+
+
+@torch.no_grad()
+def _encode(encoder: torch.nn.Module, processor: Any, paths: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(N, P, Dv) frozen features of the images at ``paths``."""
+    from blip2.data.images import load_image
+
+    parts = [
+        encoder(processor([load_image(p) for p in paths[i : i + batch_size]])) for i in range(0, len(paths), batch_size)
+    ]
+    return torch.cat(parts)

@@ -13,12 +13,14 @@ from typing import Any
 
 import yaml
 
-from blip2.config import Blip2Config, QFormerConfig, small_vit, tiny_config
+from blip2.config import Blip2Config, LLMConfig, QFormerConfig, small_cnn, tiny_config
+from blip2.demo.text_llm import TextLLMSettings
 
 # src/blip2/demo/settings.py -> the repository's configs/ (configs/ is not part of an installed wheel)
 DEMO_YAML = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
 GEMMA_PLACEHOLDER_ID = 6  # "<unused0>": never produced by the tokenizer from ordinary text
-_STAGES = ("vit_pretrain", "stage1", "stage2")
+_STAGES = ("stage1", "stage2")
+LLM_CHOICES = ("demo", "gemma-3-270m")
 
 
 @dataclass
@@ -35,19 +37,36 @@ class StageSettings:
 
 
 @dataclass
+class EncoderSettings:
+    """The frozen image encoder (`blip2.vision.SmallCNN`) and its supervised pretraining (`blip2.demo.encoder`)."""
+
+    image_size: int
+    width: int
+    depth: int
+    downsample: int
+    position_features: int
+    steps: int
+    batch_size: int
+    lr: float
+    probe_steps: int  # full-batch steps of the linear probe that measures it
+
+
+_SECTIONS = {"image_encoder": EncoderSettings, "text_llm": TextLLMSettings}
+
+
+@dataclass
 class DemoSettings:
     """The demo's run recipe; each field is documented where its value is, in ``configs/demo.yaml``."""
 
     seed: int
     n_train: int
     n_test: int
+    n_compositional: int
+    n_shifted: int
     render_size: int
-    image_size: int
-    patch_size: int
-    vit_width: int
-    vit_layers: int
-    vit_heads: int
-    vit_pretrain: StageSettings
+    image_encoder: EncoderSettings
+    llm: str  # "demo" (the text LLM pretrained here) or "gemma-3-270m"
+    text_llm: TextLLMSettings
     num_query_tokens: int
     cross_attention_frequency: int
     qformer_dropout: float
@@ -60,11 +79,12 @@ class DemoSettings:
     vqa_template: str
     vqa_generation: dict[str, Any]
     answer_words: int
-    vqa_true_caption_images: int
+    ceiling_images: int
     retrieval_k: int
     eval_batch_size: int
     caption_metrics: list[str]
     n_report: int
+    targets: dict[str, float]
 
     @classmethod
     def load(cls, path: str | Path | None = None, quick: bool = False) -> DemoSettings:
@@ -80,7 +100,11 @@ class DemoSettings:
         overrides = values.pop("quick", None) or {}
         if quick:
             for key, value in overrides.items():
-                if key in _STAGES and isinstance(value, dict) and isinstance(values.get(key), dict):
+                if (
+                    (key in _STAGES or key in _SECTIONS)
+                    and isinstance(value, dict)
+                    and isinstance(values.get(key), dict)
+                ):
                     values[key] = {**values[key], **value}
                 else:
                     values[key] = value
@@ -99,40 +123,72 @@ class DemoSettings:
             if not isinstance(section, dict) or sorted(section) != sorted(stage_names):
                 raise ValueError(f"{where}: {key} needs exactly the keys {stage_names}, got {section!r}")
             values[key] = StageSettings(**section)
+        for key, kind in _SECTIONS.items():
+            section, names = values[key], [f.name for f in dataclasses.fields(kind)]
+            if not isinstance(section, dict) or sorted(section) != sorted(names):
+                raise ValueError(f"{where}: {key} needs exactly the keys {sorted(names)}, got {section!r}")
+            values[key] = kind(**section)
+        if values["llm"] not in LLM_CHOICES:
+            raise ValueError(f"{where}: unknown llm {values['llm']!r}; expected one of {LLM_CHOICES}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def demo_config(settings: DemoSettings | None = None, with_llm: bool = True) -> Blip2Config:
-    """The demo model: frozen small ViT, Q-Former with MiniLM-L6's sizes, frozen Gemma 3 270M with the visual
-    prompt after BOS (tiny random Q-Former and LLM when ``settings.tiny``). ``with_llm=False`` gives the
-    stage-1 config (Q-Former with its text side)."""
+def demo_config(
+    settings: DemoSettings | None = None, with_llm: bool = True, llm_dir: str | Path | None = None
+) -> Blip2Config:
+    """The demo model: the frozen small CNN, a Q-Former with MiniLM-L6's sizes (tiny and random when
+    ``settings.tiny``), and the frozen LLM: the demo's text LLM saved in ``llm_dir`` (`blip2.demo.text_llm`),
+    or Gemma 3 270M. The visual prompt goes right after BOS, where the text LLM read descriptions in its
+    pretraining. ``with_llm=False`` gives the stage-1 config (Q-Former with its text side)."""
     s = settings or DemoSettings.load()
-    vision = small_vit(s.vit_width, s.vit_layers, s.vit_heads, s.image_size, s.patch_size)
+    e = s.image_encoder
+    vision = small_cnn(e.width, e.depth, e.downsample, e.position_features, e.image_size)
     if s.tiny:
         tiny = tiny_config("opt", num_query_tokens=s.num_query_tokens)
-        qformer = dataclasses.replace(tiny.qformer, encoder_hidden_size=s.vit_width)
-        llm = tiny.llm
+        qformer = dataclasses.replace(tiny.qformer, encoder_hidden_size=vision.hidden_size)
     else:
-        from blip2.checkpoints.offline import gemma3_llm_config, minilm_qformer_config
+        from blip2.checkpoints.offline import minilm_qformer_config
 
         qformer = minilm_qformer_config(
             num_query_tokens=s.num_query_tokens,
-            encoder_hidden_size=s.vit_width,
+            encoder_hidden_size=vision.hidden_size,
             cross_attention_frequency=s.cross_attention_frequency,
             hidden_dropout_prob=s.qformer_dropout,
             attention_probs_dropout_prob=s.qformer_dropout,
         )
-        llm = gemma3_llm_config() if with_llm else None
     assert isinstance(qformer, QFormerConfig)
     if not with_llm:
         return Blip2Config(vision=vision, qformer=dataclasses.replace(qformer, use_text=True), llm=None)
-    assert llm is not None
-    # The visual prompt goes right after BOS, at placeholder positions: Gemma ignores whatever precedes its BOS
-    # (measured: a caption given as text before <bos> leaves the LM loss of that caption at 3.3 nats/token,
-    # after <bos> 1.3), so the BLIP-2/OPT order [visual prompt][bos][text] would hide the image from it.
-    placeholder = None if s.tiny else GEMMA_PLACEHOLDER_ID
-    llm = dataclasses.replace(llm, image_token_index=placeholder, visual_prompt_after_bos=not s.tiny)
-    return Blip2Config(vision=vision, qformer=dataclasses.replace(qformer, use_text=False), llm=llm)
+    return Blip2Config(
+        vision=vision, qformer=dataclasses.replace(qformer, use_text=False), llm=demo_llm_config(s, llm_dir)
+    )
+
+
+def demo_llm_config(settings: DemoSettings, llm_dir: str | Path | None) -> LLMConfig:
+    """The frozen LLM's config: the text LLM in ``llm_dir`` or Gemma 3 270M (converted on first use)."""
+    if settings.llm == "gemma-3-270m":
+        from blip2.checkpoints.offline import gemma3_llm_config
+
+        # Gemma ignores whatever precedes its BOS (measured: a caption given as text before <bos> leaves the LM
+        # loss of that caption at 3.3 nats/token, after <bos> 1.3), so the visual prompt goes after BOS.
+        llm = gemma3_llm_config()
+        return dataclasses.replace(llm, image_token_index=GEMMA_PLACEHOLDER_ID, visual_prompt_after_bos=True)
+    if llm_dir is None:
+        raise ValueError("the demo's text LLM config needs the directory it was saved in (llm_dir)")
+    from transformers import AutoConfig, AutoTokenizer
+
+    from blip2.demo.text_llm import IMAGE, STOP
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    hf_config = AutoConfig.from_pretrained(str(llm_dir)).to_dict()
+    return LLMConfig(
+        kind="decoder",
+        hf_config=hf_config,
+        model_id=str(llm_dir),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        visual_prompt_after_bos=True,
+        stop_token_id=tokenizer.convert_tokens_to_ids(STOP),
+    )

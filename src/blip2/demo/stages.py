@@ -24,23 +24,20 @@ from blip2.train.recipes import load_stage1_into
 DONE_FILE = "done.json"
 
 
-def load_llm_tokenizer(settings: DemoSettings, config: Blip2Config) -> Any:
-    if settings.tiny:
-        from blip2.data.word_tokenizers import tiny_llm_tokenizer
-
-        return tiny_llm_tokenizer()
+def load_llm_tokenizer(config: Blip2Config) -> Any:
     from transformers import AutoTokenizer
 
     assert config.llm is not None and config.llm.model_id
     return AutoTokenizer.from_pretrained(config.llm.model_id)
 
 
-def build_stage1_model(settings: DemoSettings, vit_state: dict[str, torch.Tensor]) -> Blip2QFormer:
-    """The stage-1 model: the demo's frozen ViT (given weights), a Q-Former from MiniLM (or tiny, random)."""
+def build_stage1_model(settings: DemoSettings, encoder_state: dict[str, torch.Tensor]) -> Blip2QFormer:
+    """The stage-1 model: the demo's frozen image encoder (given weights), a Q-Former from MiniLM (or tiny,
+    random)."""
     config = demo_config(settings, with_llm=False)
     torch.manual_seed(settings.seed)
     model = Blip2QFormer(config)
-    model.vision_model.load_state_dict(vit_state)
+    model.vision_model.load_state_dict(encoder_state)
     if settings.tiny:
         from blip2.data.word_tokenizers import tiny_bert_tokenizer
 
@@ -54,13 +51,14 @@ def build_stage1_model(settings: DemoSettings, vit_state: dict[str, torch.Tensor
     return model
 
 
-def build_stage2_model(settings: DemoSettings, stage1: Blip2QFormer) -> Blip2:
-    """The stage-2 model: the stage-1 image side (ViT, ln_vision, queries, Q-Former) and the frozen LLM."""
-    config = demo_config(settings, with_llm=True)
+def build_stage2_model(settings: DemoSettings, stage1: Blip2QFormer, llm_dir: str | Path | None) -> Blip2:
+    """The stage-2 model: the stage-1 image side (encoder, ln_vision, queries, Q-Former) and the frozen LLM
+    (the demo's text LLM saved in ``llm_dir``, or Gemma 3 270M)."""
+    config = demo_config(settings, with_llm=True, llm_dir=llm_dir)
     torch.manual_seed(settings.seed + 1)
-    model = Blip2(config, pretrained_llm=not settings.tiny)
+    model = Blip2(config, pretrained_llm=True)
     load_stage1_into(model, stage1)
-    model.tokenizer = load_llm_tokenizer(settings, config)
+    model.tokenizer = load_llm_tokenizer(config)
     return model
 
 

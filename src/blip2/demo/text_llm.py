@@ -1,0 +1,287 @@
+"""The demo's frozen LLM: a small Llama pretrained in its own stage on *text only*, then frozen.
+
+BLIP-2's premise is a competent pretrained LLM that reads. Offline, the demo makes one: a word-level Llama
+(`transformers.LlamaForCausalLM`) trained on documents about *described* scenes of the training split — never
+an image, never a visual prompt. A document is a scene description in one of several wordings, then, in random
+order, questions about it with their answers (training wordings, `blip2.data.scenes.sample_questions`) and,
+with some probability, the restated canonical caption::
+
+    <s> a picture of a large blue square at the top and a small red circle on the left
+        question : what shape is the red object ? answer : circle .  caption : two shapes : a small red circle
+        on the left and a large blue square at the top .  question : how many shapes are there ? answer : two .
+
+The loss is on what follows the description (questions, answers, captions, the "." that ends each), so the
+model learns to read the description, not to invent one. The layout is the one BLIP-2 gives it later: in stage
+2 the Q-Former's visual prompt takes the description's place (right after ``<s>``, at ``<image>`` placeholder
+positions) and the caption follows ``caption :``; a zero-shot question follows ``question : ... answer :``.
+"." ends every answer and caption, and is the token generation stops on (`LLMConfig.stop_token_id`).
+
+`description_ceiling` measures the frozen LLM alone: VQA with the true description in words before each
+question. No visual prompt can lift the model above it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from blip2.data.scenes import (
+    NUMBER_WORDS,
+    SceneObject,
+    _listing,
+    _phrase,
+    detailed_caption,
+    sample_questions,
+    sample_scene,
+    scene_vocabulary,
+    text_tokens,
+)
+from blip2.data.text import clean_question
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+PAD, BOS, EOS, UNK, IMAGE = SPECIAL_TOKENS
+STOP = "."
+PROMPT_WORDS = ("question", "answer", "caption")
+_POSITION_PHRASE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+
+
+@dataclass
+class TextLLMSettings:
+    """Size and training of the demo's text LLM (values in ``configs/demo.yaml``)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    caption_probability: float  # share of documents that also restate the canonical caption
+    max_questions: int  # questions per document: 1 .. max_questions
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def vocabulary() -> list[str]:
+    """Special tokens, then every word of the scenes' texts and the prompt words, in a fixed order."""
+    words = [*SPECIAL_TOKENS]
+    for word in [*PROMPT_WORDS, *scene_vocabulary()]:
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def build_tokenizer() -> Any:
+    """A lowercasing, word-level fast tokenizer over `vocabulary` (``<s>`` BOS, ``</s>`` EOS, ``<pad>``,
+    ``<image>`` the visual prompt's placeholder); it adds no special tokens itself."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and runs of punctuation, as tokens
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[IMAGE],
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def describe(objects: Sequence[SceneObject], rng: random.Random) -> str:
+    """A description naming every object's size, colour, shape and position, in one of three wordings: the
+    canonical `detailed_caption` (left to right), or the objects in random order with or without the count."""
+    style = rng.randrange(3)
+    if style == 0:
+        return detailed_caption([o.to_dict() for o in objects])
+    shuffled = list(objects)
+    rng.shuffle(shuffled)
+    listing = _listing([f"{_phrase(o)} {_POSITION_PHRASE[o.position]}" for o in shuffled])
+    if style == 1:
+        n = len(objects)
+        return f"{NUMBER_WORDS[n]} shape{'s' if n != 1 else ''}: {listing}"
+    return f"a picture of {listing}"
+
+
+def corpus_document(rng: random.Random, settings: TextLLMSettings) -> tuple[list[str], list[bool]]:
+    """One training document as words, and for each word whether the loss is on it (everything after the
+    description). The scene is a fresh training-split scene (never a held-out colour-shape pair)."""
+    scene = sample_scene(rng, "train")
+    words = [BOS, *text_tokens(describe(scene.objects, rng))]
+    in_loss = [False] * len(words)
+    questions = list(sample_questions(scene, rng))
+    rng.shuffle(questions)
+    segments = [
+        (f"question: {clean_question(q.question)} answer:", q.answer)
+        for q in questions[: rng.randint(1, settings.max_questions)]
+    ]
+    if rng.random() < settings.caption_probability:
+        caption = detailed_caption([o.to_dict() for o in scene.objects])
+        segments.insert(rng.randint(0, len(segments)), ("caption:", caption))
+    for prompt, target in segments:
+        prompt_words, target_words = text_tokens(prompt), [*text_tokens(target), STOP]
+        words += prompt_words + target_words
+        in_loss += [True] * (len(prompt_words) + len(target_words))
+    return words + [EOS], in_loss + [True]
+
+
+def corpus_batch(rng: random.Random, settings: TextLLMSettings, index: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """``batch_size`` documents, right-padded: input_ids, attention_mask (B, L) and labels (B, L; -100 off
+    the loss)."""
+    docs = [corpus_document(rng, settings) for _ in range(settings.batch_size)]
+    width = max(len(words) for words, _ in docs)
+    input_ids = torch.full((len(docs), width), index[PAD], dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((len(docs), width), dtype=torch.long)  # (B, L)
+    labels = torch.full((len(docs), width), -100, dtype=torch.long)  # (B, L)
+    for row, (words, in_loss) in enumerate(docs):
+        ids = torch.tensor([index.get(w, index[UNK]) for w in words])
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.where(torch.tensor(in_loss), ids, torch.tensor(-100))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def llama_config(settings: TextLLMSettings, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden,
+        intermediate_size=settings.intermediate,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def pretrain_text_llm(settings: TextLLMSettings, seed: int, directory: Path) -> list[float]:
+    """Pretrain the text LLM (AdamW, warm-up then cosine decay) and save it with its tokenizer into
+    ``directory`` (transformers layout: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load it).
+    Returns the loss of every step. Deterministic given ``seed`` and the thread count."""
+    from transformers import LlamaForCausalLM
+
+    from blip2.train.optim import lr_at
+
+    tokenizer = build_tokenizer()
+    index = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(settings, tokenizer))
+    model.config._attn_implementation = "sdpa"
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
+    )
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    for step in tqdm(range(settings.steps), desc="text LLM", leave=False):
+        lr = lr_at(
+            step,
+            lr=settings.lr,
+            min_lr=settings.lr * settings.min_lr_ratio,
+            warmup_steps=settings.warmup_steps,
+            max_steps=settings.steps,
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = model(**corpus_batch(rng, settings, index)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(round(float(loss.detach()), 4))
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- ceiling
+
+
+@torch.no_grad()
+def description_ceiling(
+    language_model: Any,
+    tokenizer: Any,
+    split_dir: Path,
+    template: str,
+    n_images: int,
+    stop_ids: Sequence[int],
+    answer_words: int = 1,
+    max_new_tokens: int = 4,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """The frozen LLM alone: VQA on the first ``n_images`` images of a scenes split, each question asked after
+    the true scene description in words (``<bos>{description} {template}``, greedy), no image at all.
+    Returns the VQA report (`blip2.eval.vqa.vqa_report`: overall, per type) plus ``n_images``."""
+    from blip2.eval.scenes import load_scenes_eval
+    from blip2.eval.vqa import postprocess_answer, vqa_report
+
+    started = time.perf_counter()
+    data = load_scenes_eval(split_dir)
+    images = list(data["paths"])[:n_images]
+    wanted = set(images)
+    qids = [q for q, a in data["annotations"].items() if data["questions"][q]["image_id"] in wanted]
+    prompts = []
+    for q in qids:
+        question = data["questions"][q]
+        described = detailed_caption(data["objects"][question["image_id"]])
+        prompts.append(described + " " + template.format(clean_question(question["question"])))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    predictions: dict[Any, str] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(qids), batch_size):
+        rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, L), left-padded
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        out = language_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(stop_ids),
+            pad_token_id=pad,
+        )
+        for q, row in zip(qids[start : start + batch_size], out[:, width:], strict=True):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            predictions[q] = postprocess_answer(text, words=answer_words)
+    report = vqa_report(predictions, {q: data["annotations"][q] for q in qids})
+    report.update({"n_images": len(images), "time_s": round(time.perf_counter() - started, 1)})
+    return report
