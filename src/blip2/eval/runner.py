@@ -26,7 +26,9 @@ from blip2.eval.protocol import LAVIS_RETRIEVAL_K, eval_protocol, lavis_vqa_gene
 from blip2.eval.retrieval import retrieval_recall
 from blip2.eval.vqa import postprocess_answer, vqa_report
 
-_PER_ITEM = ("predictions", "raw_answers")
+_PER_ITEM = ("predictions", "raw_answers", "i2t_top", "texts", "text_image")
+
+RETRIEVAL_TOP = 5  # texts kept per image with ``keep_predictions`` (`eval_retrieval`'s ``top``)
 
 
 class EvalOutputError(ValueError):
@@ -45,9 +47,14 @@ def eval_retrieval(
     texts_per_image: Sequence[Sequence[str]],
     k: int = LAVIS_RETRIEVAL_K,
     batch_size: int = 32,
+    top: int = 0,
 ) -> dict[str, Any]:
     """Image↔text recall@1/5/10 of a stage-1 model: ITC shortlist of ``k`` re-ranked by ITM (as LAVIS, whose
-    ``k_test`` is 128), and the ITC-only recall for comparison."""
+    ``k_test`` is 128), and the ITC-only recall for comparison.
+
+    ``top`` > 0 also keeps each image's best ``top`` texts, for showing a ranking: ``i2t_top`` (per image, in
+    order: [[text index, final score rounded to 4 decimals], ...] best first, re-ranked candidates only),
+    ``texts`` (the flat text list those indices point into) and ``text_image`` (each text's image index)."""
     from blip2.inference.tasks import retrieve
 
     texts = [t for group in texts_per_image for t in group]
@@ -62,6 +69,17 @@ def eval_retrieval(
     itc = retrieval_recall(out["itc"], img_to_txt, txt_to_img)
     result["itc_only"] = {key: itc[key] for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
     result.update({"k": k, "n_images": len(paths), "n_texts": len(texts)})
+    if top > 0:
+        scores, indices = out["i2t"].float().topk(min(top, len(texts)), dim=1)  # (N_img, top)
+        result["i2t_top"] = [
+            [
+                [int(t), round(float(s), 4)]
+                for t, s in zip(row_t.tolist(), row_s.tolist(), strict=True)
+                if s != float("-inf")
+            ]
+            for row_t, row_s in zip(indices, scores, strict=True)
+        ]
+        result.update({"texts": texts, "text_image": txt_to_img})
     return result
 
 
@@ -178,7 +196,8 @@ def run_eval(
     images (and their questions). The defaults are the authors' protocol (`blip2.eval.protocol`):
     ``vqa_generation`` None means LAVIS's settings for the model's LLM family, ``caption_generation`` None
     the library's (LAVIS's) caption defaults. Returns {"retrieval", "captions", "vqa"} (absent parts are
-    None); per-item predictions are dropped unless ``keep_predictions``.
+    None); per-item predictions (captions, answers, each image's top-5 texts) are dropped unless
+    ``keep_predictions``.
     """
     files = (scenes, coco_captions, vqa_questions, vqa_annotations, images)
     if data is None:
@@ -195,7 +214,11 @@ def run_eval(
     result: dict[str, Any] = {"retrieval": None, "captions": None, "vqa": None}
     if retrieval_model is not None and references is not None:
         result["retrieval"] = eval_retrieval(
-            retrieval_model, [paths[i] for i in image_ids], [references[i] for i in image_ids], k=retrieval_k
+            retrieval_model,
+            [paths[i] for i in image_ids],
+            [references[i] for i in image_ids],
+            k=retrieval_k,
+            top=RETRIEVAL_TOP if keep_predictions else 0,
         )
     if model is not None and references is not None:
         result["captions"] = eval_captions(
@@ -366,7 +389,8 @@ def format_summary(result: Mapping[str, Any]) -> list[str]:
 
 
 def without_predictions(result: Mapping[str, Any]) -> dict[str, Any]:
-    """``result`` with the per-item ``predictions`` / ``raw_answers`` of each part left out."""
+    """``result`` with the per-item ``predictions`` / ``raw_answers`` / retrieval top-k lists of each part
+    left out."""
     out: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, Mapping):
