@@ -31,26 +31,34 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_writes_every_output(demo_dir: Path) -> None:
-    for name in ("metrics.json", "report.html", "stage1_losses.png", "stage2_losses.png"):
+    for name in ("metrics.json", "report.html"):
         assert (demo_dir / name).is_file(), name
     for model in ("model", "qformer"):
         assert (demo_dir / model / "config.json").is_file()
         assert (demo_dir / model / "model.safetensors").is_file()
     assert (demo_dir / "model" / "tokenizer.json").is_file()  # `blip2 ask --model DIR/model` needs it
-    for split in ("train", "test"):
+    for split in ("train", "test", "compositional", "shifted"):
         assert (demo_dir / "data" / split / "captions_coco.json").is_file()
 
     metrics = json.loads((demo_dir / "metrics.json").read_text())
+    s = quick_settings()
     assert metrics["wall_time_s"] > 0 and metrics["peak_rss_mb"] > 0
-    assert set(metrics["headline"]["vqa_per_type"]) == {"color", "count", "exists", "position", "shape"}
-    # the LLM's ceiling: the same questions with the true scene description written before them
-    assert metrics["vqa_true_caption"]["n_images"] == quick_settings().n_test
-    assert metrics["training"]["stage1"]["last"]["step"] == quick_settings().stage1.steps
-    assert metrics["training"]["stage2"]["last"]["step"] == quick_settings().stage2.steps
+    assert set(metrics["headline"]["zero_shot_vqa_per_type"]) == {"color", "count", "exists", "position", "shape"}
+    assert set(metrics["splits"]) == {"test", "compositional", "shifted"}
+    assert "held_out_pairs" in metrics["splits"]["compositional"]
+    assert set(metrics["image_encoder_probe"]) >= {"color", "shape", "size", "position"}
+    # the frozen LLM alone: the test questions after the true scene description in words
+    assert metrics["llm_ceiling"]["n_images"] == s.ceiling_images
+    training = metrics["training"]
+    assert training["image_encoder"]["steps"] == s.image_encoder.steps
+    assert training["llm"]["steps"] == s.text_llm.steps
+    assert training["stage1"]["last"]["step"] == s.stage1.steps
+    assert training["stage2"]["last"]["step"] == s.stage2.steps
+    assert (demo_dir / "model" / "config.json").read_text().count("llama") >= 1  # the demo's text LLM
 
     page = (demo_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= quick_settings().n_report + 2  # samples + two loss plots
-    assert "generated caption" in page and "zero-shot" in page and "LLM ceiling" in page
+    assert page.count("data:image/png;base64,") >= s.n_report + 2  # samples, shifted samples, loss curves
+    assert "zero-shot" in page and "linear probe" in page.lower()
 
 
 def test_demo_model_loads_and_answers(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,7 +144,7 @@ def test_demo_runs_deterministic_kernels_and_restores_the_setting(
         seen.append(torch.are_deterministic_algorithms_enabled())
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(demo_pipeline.Pipeline, "features", stop)
+    monkeypatch.setattr(demo_pipeline.Pipeline, "image_encoder", stop)
     assert not torch.are_deterministic_algorithms_enabled()
     with pytest.raises(RuntimeError, match="stop here"):
         run_demo(tmp_path / "out", quick=True)
@@ -149,8 +157,12 @@ def test_cache_keys_follow_the_settings() -> None:
     changed = quick_settings()
     changed.stage2.steps += 1
     a, b = cache_keys(base), cache_keys(changed)
-    assert a["data"] == b["data"] and a["features"] == b["features"] and a["stage1"] == b["stage1"]
+    assert a["data"] == b["data"] and a["image_encoder"] == b["image_encoder"] and a["stage1"] == b["stage1"]
+    assert a["llm"] == b["llm"]
     assert a["stage2"] != b["stage2"] and a["eval"] != b["eval"]
+    changed.text_llm.steps += 1
+    c = cache_keys(changed)
+    assert c["llm"] != b["llm"] and c["stage1"] == b["stage1"] and c["stage2"] != b["stage2"]
 
 
 def test_settings_come_from_the_yaml_file(tmp_path: Path) -> None:

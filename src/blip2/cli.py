@@ -124,8 +124,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from blip2.demo.pipeline import run_demo
 
-    metrics = run_demo(Path(args.output), quick=args.quick)
-    _print(metrics, args.json, [f"demo written to {args.output}"])
+    metrics = run_demo(Path(args.output), quick=args.quick, llm=args.llm)
+    head = metrics.get("headline") or {}
+    lines = [f"demo written to {args.output} (report: {Path(args.output) / 'report.html'})"]
+    lines += [f"  {k}: {v}" for k, v in head.items()]
+    _print(metrics, args.json, lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -326,6 +329,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="blip2-demo")
     p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute (for tests)")
+    p.add_argument(
+        "--llm",
+        choices=["demo", "gemma-3-270m"],
+        default=None,
+        help="the frozen LLM: the text LLM pretrained by the demo (default, configs/demo.yaml) or Gemma 3 270M",
+    )
     _common(p, model=False)
 
 

@@ -3,7 +3,8 @@ by the scene descriptions of training-split scenes only, then frozen; and the li
 
 No pretrained vision weights install offline, and BLIP-2's premise is a *competent* frozen image encoder, so
 the demo makes one: every step renders fresh training-split scenes (`blip2.data.scenes.make_example`, split
-"train": never a held-out colour-shape pair) and a linear head on the flattened token features predicts, for
+"train": never a held-out colour-shape pair; their grey background redrawn from a wider range, the
+photometric augmentation any pretrained encoder has seen) and a linear head on the flattened token features predicts, for
 each of the five named grid cells, the colour, shape and size of the object there or "empty". After training
 the head is dropped and the CNN frozen.
 
@@ -13,6 +14,8 @@ frozen features of the training images, scored per object on another split.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,10 +62,21 @@ class CellHead(nn.Module):
 
 
 def scene_batch(
-    indices: Sequence[int], seed: int, render_size: int, preprocess: Callable[[list[Any]], torch.Tensor]
+    indices: Sequence[int],
+    seed: int,
+    render_size: int,
+    preprocess: Callable[[list[Any]], torch.Tensor],
+    backgrounds: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-split scenes ``indices`` rendered and preprocessed: pixels (B, 3, H, W), labels (B, cells, 3)."""
+    """Training-split scenes ``indices`` rendered and preprocessed: pixels (B, 3, H, W), labels (B, cells, 3).
+
+    ``backgrounds`` (lo, hi): redraw each scene's grey background level uniformly in [lo, hi] (seeded by the
+    scene index), the photometric augmentation of the encoder's pretraining."""
     scenes: list[Scene] = [make_example("train", i, seed, render_size).scene for i in indices]
+    if backgrounds is not None:
+        lo, hi = backgrounds
+        levels = [random.Random(f"background/{seed}/{i}").randint(lo, hi) for i in indices]
+        scenes = [dataclasses.replace(s, background=(g, g, g)) for s, g in zip(scenes, levels, strict=True)]
     pixels = preprocess([render(scene) for scene in scenes])
     return pixels, torch.stack([cell_labels(scene.objects) for scene in scenes])
 
@@ -75,6 +89,7 @@ def pretrain_encoder(
     lr: float,
     seed: int,
     render_size: int,
+    backgrounds: tuple[int, int] | None = None,
     weight_decay: float = 0.01,
 ) -> list[float]:
     """Train ``encoder`` in place on fresh training-split scenes (AdamW, one-cycle schedule); return the loss per
@@ -92,7 +107,8 @@ def pretrain_encoder(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     losses = []
     for step in tqdm(range(steps), desc="image encoder", leave=False):
-        pixels, labels = scene_batch(range(step * batch_size, (step + 1) * batch_size), seed, render_size, preprocess)
+        indices = range(step * batch_size, (step + 1) * batch_size)
+        pixels, labels = scene_batch(indices, seed, render_size, preprocess, backgrounds)
         loss = head.loss(encoder(pixels).flatten(1), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,7 +137,10 @@ def linear_probe(
     and no object is seen where there is none), and ``object`` (all three attributes right)."""
     torch.manual_seed(seed)
     x = train_features.flatten(1)
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    # Standardised per feature; the floor keeps a feature (nearly) constant in the probe's training images from
+    # blowing up on a test image where it is not.
+    mean, std = x.mean(0), x.std(0)
+    std = std + 0.1 * std.mean() + 1e-6
     x = (x - mean) / std
     head = CellHead(x.shape[1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
