@@ -2,11 +2,11 @@
 by the scene descriptions of training-split scenes only, then frozen; and the linear probe that measures it.
 
 No pretrained vision weights install offline, and BLIP-2's premise is a *competent* frozen image encoder, so
-the demo makes one: every step renders fresh training-split scenes (`blip2.data.scenes.make_example`, split
-"train": never a held-out colour-shape pair; their grey background redrawn from a wider range, the
-photometric augmentation any pretrained encoder has seen) and a linear head on the flattened token features predicts, for
-each of the five named grid cells, the colour, shape and size of the object there or "empty". After training
-the head is dropped and the CNN frozen.
+the demo makes one. Every step renders fresh training-split scenes (`blip2.data.scenes.make_example`, split
+"train": never a held-out colour-shape pair), their grey background redrawn from a wider range (the
+photometric augmentation any pretrained encoder has seen), and a linear head on the flattened token features
+predicts, for each of the five named grid cells, the colour, shape and size of the object there or "empty".
+After training the head is dropped and the CNN frozen.
 
 Its quality is measured alone, before BLIP-2 touches it (`linear_probe`): a fresh linear classifier on the
 frozen features of the training images, scored per object on another split.
