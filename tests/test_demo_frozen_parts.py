@@ -28,9 +28,6 @@ from blip2.vision import SmallCNN, build_vision_encoder
 def tiny_llm_settings(steps: int = 2) -> TextLLMSettings:
     return TextLLMSettings(
         layers=1,
-        hidden=32,
-        heads=2,
-        intermediate=64,
         steps=steps,
         batch_size=4,
         lr=1e-3,
@@ -146,7 +143,8 @@ def test_text_llm_saves_a_transformers_model_the_demo_loads(tmp_path: Path) -> N
     assert len(losses) == 3
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
-    assert model.config.model_type == "llama" and len(tokenizer) == model.config.vocab_size
+    assert model.config.model_type == "bert" and model.config.is_decoder
+    assert len(tokenizer) == model.config.vocab_size
 
     config = demo_llm_config(DemoSettings.load(quick=True), tmp_path / "llm")
     assert config.image_token_index == tokenizer.convert_tokens_to_ids(IMAGE)
@@ -157,3 +155,12 @@ def test_text_llm_saves_a_transformers_model_the_demo_loads(tmp_path: Path) -> N
     report = description_ceiling(model, tokenizer, split, "Question: {} Answer:", 2, [config.stop_token_id])
     assert report["n_images"] == 2 and 0.0 <= report["overall"] <= 1.0
     assert set(report["per_type"]) <= {"color", "count", "exists", "position", "shape"}
+
+
+def test_bert_decoders_generate_on_the_plain_path(tmp_path: Path) -> None:
+    """The prefix-cache fast path is not exact for BERT decoders (positions of left-padded rows): plain path."""
+    from blip2.demo.text_llm import decoder_from_minilm
+    from blip2.inference.fast import expansion_factor
+
+    model = decoder_from_minilm(tiny_llm_settings(), build_tokenizer())
+    assert expansion_factor(model, {"num_beams": 1, "max_new_tokens": 2}) is None

@@ -110,8 +110,16 @@ def splice_visual_prompt(
 
 
 def output_head(language_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head applied to hidden states, with the final soft-capping some models (Gemma 2) use."""
-    logits = language_model.get_output_embeddings()(hidden)
+    """The LM head applied to hidden states, with the final soft-capping some models (Gemma 2) use.
+
+    The head is the model's whole head module where it has one (``lm_head``, or BERT's ``cls``): BERT- and
+    RoBERTa-style decoders put a transform (dense, GELU, LayerNorm) before the output embeddings."""
+    head = getattr(language_model, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        head = getattr(language_model, "cls", None)
+    if not isinstance(head, nn.Module):
+        head = language_model.get_output_embeddings()
+    logits = head(hidden)
     cap = getattr(language_model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

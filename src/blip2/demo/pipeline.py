@@ -15,7 +15,7 @@ reuses finished work and a killed run resumes training from its last checkpoint)
 2. image encoder: a small CNN pretrained on fresh training-split scenes, supervised by their descriptions, then
                   frozen (`blip2.demo.encoder`); a linear probe measures it alone; it encodes every training
                   image once (`blip2.data.feature_cache`).
-3. LLM:           a small Llama pretrained on text only (descriptions, captions, questions and answers about
+3. LLM:           MiniLM-L6 layers as a causal decoder, pretrained further on text only (descriptions, captions, questions and answers about
                   described scenes), then frozen (`blip2.demo.text_llm`); its ceiling (the true description in
                   words, then the question) measures it alone. Or Gemma 3 270M (``llm: gemma-3-270m``).
 4. stage 1:       Q-Former (from pretrained MiniLM-L6) on the cached features: ITC + ITM + ITG.
@@ -329,7 +329,10 @@ class Pipeline:
 
 
 EVAL_SPLITS = ("test", "compositional", "shifted")
-LLM_NAMES = {"demo": "the demo's text LLM (Llama, pretrained here on text only)", "gemma-3-270m": "Gemma 3 270M"}
+LLM_NAMES = {
+    "demo": "the demo's text LLM (MiniLM-L6 layers as a causal decoder, pretrained here on text only)",
+    "gemma-3-270m": "Gemma 3 270M",
+}
 
 
 def _curve(losses: list[float], steps: int, seconds: float | None) -> dict[str, Any]:

@@ -37,6 +37,11 @@ _UNSUPPORTED_KWARGS = ("cache", "past_key_values", "assistant_model", "prefill_c
 # LLMs whose position ids are computed from the attention mask (cumsum), so padding placed between a shared
 # prefix and a row's own text leaves every real token's position unchanged.
 _MASK_POSITION_MODELS = frozenset({"opt"})
+# LLMs the prefix-cache path is not exact for: a BERT decoder (`transformers.BertLMHeadModel`, the offline demo's
+# text LLM) numbers the positions of a left-padded row from the padding, not from its first real token, when
+# the prompt runs without generate's position ids (measured: other tokens than the plain path, which matches
+# each row generated alone).
+_PLAIN_PATH_MODELS = frozenset({"bert", "roberta"})
 
 
 def positions_follow_mask(language_model: nn.Module) -> bool:
@@ -48,6 +53,8 @@ def expansion_factor(language_model: nn.Module, generation_kwargs: dict[str, Any
     the prefix-cache path does not apply to this model or these options (then the plain path is used)."""
     config = language_model.config
     if getattr(config, "is_encoder_decoder", False) or not hasattr(language_model, "generate"):
+        return None
+    if getattr(config, "model_type", None) in _PLAIN_PATH_MODELS:
         return None
     if not getattr(language_model, "_supports_default_dynamic_cache", lambda: False)():
         return None
