@@ -215,7 +215,8 @@ def decoder_from_minilm(settings: TextLLMSettings, tokenizer: Any) -> Any:
     for key, value in base.items():
         if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= settings.layers:
             continue
-        if key.startswith("embeddings.") and "word_embeddings" not in key and "position_ids" not in key or key.startswith("encoder."):
+        embedding = key.startswith("embeddings.") and "word_embeddings" not in key and "position_ids" not in key
+        if embedding or key.startswith("encoder."):
             state["bert." + key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
