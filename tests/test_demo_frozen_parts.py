@@ -126,7 +126,12 @@ def test_corpus_documents_are_text_about_training_scenes() -> None:
         assert words[0] == BOS and len(words) == len(in_loss)
         end = min(i for i, w in enumerate(words) if w in ("question", "caption"))  # where the description ends
         description = words[1:end]
-        assert not any(in_loss[:end]) and all(in_loss[end:])  # the description is read, not written
+        assert not any(in_loss[:end])  # the description is read, not written
+        for i, word in enumerate(words):
+            if word in ("question", "caption") and words[i + 1] == ":":
+                assert not in_loss[i] and not in_loss[i + 1]  # prompts are read too
+            if word == "answer" and words[i + 1] == ":":
+                assert in_loss[i + 2] and not in_loss[i - 1]  # the answer is the target; the question is not
         assert in_loss[-1] and all(w in vocab for w in words)
         text = " ".join(words)
         assert IMAGE not in words  # never an image, never a visual prompt
