@@ -14,9 +14,10 @@ canonical caption::
 
 The loss is on the answers and captions (and the "." that ends each): the model learns to read the
 description, not to write descriptions or guess which question comes next (measured with a from-scratch
-model: a loss on the questions' words too kept the answers near chance for 1,250 steps). The layout is the one BLIP-2 gives it later: in stage
-2 the Q-Former's visual prompt takes the description's place (right after ``<s>``, at ``<image>`` placeholder
-positions) and the caption follows ``caption :``; a zero-shot question follows ``question : ... answer :``.
+model: a loss on the questions' words too kept the answers near chance for 1,250 steps). The layout is the
+one BLIP-2 gives it later: in stage 2 the Q-Former's visual prompt takes the description's place (right after
+``<s>``, at ``<image>`` placeholder positions) and the caption follows ``caption :``; a zero-shot question
+follows ``question : ... answer :``.
 "." ends every answer and caption, and is the token generation stops on (`LLMConfig.stop_token_id`).
 
 `description_ceiling` measures the frozen LLM alone: VQA with the true description in words before each
