@@ -206,6 +206,8 @@ def _vqa_type_target(targets: Mapping[str, Any], question_type: str) -> Any:
     per_type = targets.get("zero_shot_vqa_per_type")
     if isinstance(per_type, Mapping) and question_type in per_type:
         return per_type[question_type]
+    if isinstance(per_type, int | float):  # one floor for every question type
+        return per_type
     return targets.get(f"zero_shot_vqa_{question_type}")
 
 
@@ -237,6 +239,20 @@ def _headline(results: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
             f"<tr><td{' class=indent' if indented else ''}>{_esc(label)}</td>{cells}"
             f"<td class='num muted'>{target_text}</td></tr>"
         )
+    held = _dig(results.get("compositional"), "held_out_pairs") or {}
+    target = targets.get("compositional_held_out_pairs")
+    for label, key in (
+        ("held-out pairs: objects named with their colour and shape", "caption_attribute_accuracy"),
+        ("held-out pairs: zero-shot VQA on questions about them", "vqa"),
+    ):
+        if key in held:
+            value = held[key]
+            ok = "" if _missing(value) or _missing(target) else (" ok" if float(value) >= float(target) else " bad")
+            body.append(
+                f"<tr><td>{_esc(label)}</td><td class='num'>–</td><td class='num{ok}'>{_pct(value)}</td>"
+                f"<td class='num'>–</td><td class='num muted'>{'–' if _missing(target) else '≥ ' + _pct(target)}"
+                "</td></tr>"
+            )
     header = "".join(f"<th class='num'>{s}</th>" for s in SPLITS)
     verdict = (
         f"<p class='verdict'>On the test split, {met} of the {judged} figures with a target meet it "
@@ -270,8 +286,14 @@ def _frozen_parts(metrics: Mapping[str, Any]) -> str:
 
     probe_target = targets.get("image_encoder_probe")
     rows = ["<tr class='group'><th colspan='3'>image encoder: linear probe on its frozen features</th></tr>"]
-    keys = [k for k in PROBE_ATTRIBUTES if k in probe] + sorted(set(probe) - set(PROBE_ATTRIBUTES))
+    extra = sorted(k for k in set(probe) - set(PROBE_ATTRIBUTES) if not k.startswith("n_"))  # n_*: counts
+    keys = [k for k in PROBE_ATTRIBUTES if k in probe] + extra
     rows += [row(PROBE_ATTRIBUTES.get(k, k), probe[k], probe_target) for k in keys]
+    if "n_train" in probe and "n_test" in probe:
+        rows.append(
+            f"<tr><td class='indent muted' colspan='3'>probe trained on {probe['n_train']} training images, "
+            f"scored on {probe['n_test']} test images</td></tr>"
+        )
     if not keys:
         rows.append("<tr><td class='indent muted' colspan='3'>not measured</td></tr>")
     llm_target = targets.get("llm_ceiling")
@@ -420,6 +442,7 @@ def write_report(
     Missing figures show as "–".
     """
     llm = metrics.get("llm_name") or _dig(metrics, "llm_ceiling", "llm") or "a small LLM"
+    llm = llm.replace("the demo's text LLM (", "").rstrip(")") if llm.startswith("the demo's text LLM (") else llm
     data = {s: _load(Path(d)) for s, d in split_dirs.items()}
     test_data, test_result = data.get("test"), results.get("test") or {}
     samples = _sample_cards(test_data, test_result, n_samples) if test_data is not None else ""
