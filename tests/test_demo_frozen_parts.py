@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blip2.config import small_cnn
-from blip2.data.scenes import HELD_OUT_PAIRS, POSITIONS, make_example, scene_vocabulary, text_tokens, write_split
+from blip2.data.scene_files import write_split
+from blip2.data.scenes import HELD_OUT_PAIRS, POSITIONS, make_example, scene_vocabulary, text_tokens
 from blip2.demo.encoder import ATTRIBUTES, cell_labels, linear_probe, pretrain_encoder, scene_batch
 from blip2.demo.text_llm import (
     BOS,

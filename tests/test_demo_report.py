@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from blip2.data.scenes import detailed_caption, write_split
+from blip2.data.scene_files import write_split
+from blip2.data.scenes import detailed_caption
 from blip2.demo.report import loss_curves_png, write_report
 from blip2.eval.scenes import load_scenes_eval
 from blip2.eval.vqa import normalize_vqa_answer

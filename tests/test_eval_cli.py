@@ -296,7 +296,7 @@ def test_results_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
 def test_eval_command_end_to_end_on_a_tiny_flan_t5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A saved encoder-decoder model evaluated with the defaults: the authors' T5 settings reach generation,
     and the results file holds every prediction and the settings used."""
-    from blip2.data.scenes import write_split
+    from blip2.data.scene_files import write_split
     from blip2.testing import make_tiny_model
 
     split = write_split(tmp_path, "test", 2, seed=1, image_size=32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blip2.eval.captions as captions_module
-from blip2.data.scenes import write_split
+from blip2.data.scene_files import write_split
 from blip2.data.text import clean_question
 from blip2.eval.captions import caption_metrics, simple_tokenize
 from blip2.eval.loaders import image_path, load_coco_captions, load_vqa

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from blip2.data.scene_files import write_split
 from blip2.data.scenes import (
     COLORS,
     HELD_OUT_PAIRS,
@@ -34,7 +35,6 @@ from blip2.data.scenes import (
     sample_questions,
     scene_vocabulary,
     text_tokens,
-    write_split,
 )
 
 TRAIN = make_split("train", 300, seed=0)

@@ -251,7 +251,7 @@ def test_recipe_model_init_is_seeded() -> None:
 def test_batches_whose_every_image_is_unreadable_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The collator drops unreadable images; a micro-batch left empty is skipped (two of three images are
     corrupt, batch size 1: 10 of every 15 micro-batches) and the run still takes every optimiser step."""
-    from blip2.data.scenes import write_split
+    from blip2.data.scene_files import write_split
 
     root = write_split(tmp_path / "data", "train", 3, seed=0, image_size=32)
     for name in ("train_000001.png", "train_000002.png"):

@@ -36,15 +36,15 @@ every split but "shifted"; `sample_questions` draws any training wording (varied
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from blip2.data.scene_wordings import HELD_OUT_WORDINGS, TRAIN_WORDINGS
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -119,66 +119,6 @@ _RELATION_PHRASE: dict[str, str] = {
 _GAP = 4  # minimum pixels between two bounding boxes
 _MAX_TRIES = 200
 
-# Question wordings per type, as str.format templates over {shape}, {color} and {object} ("a red circle").
-# The first training wording is canonical. Every word of a held-out wording occurs in some training wording or
-# caption: held-out wordings test new arrangements of known words, not new words.
-TRAIN_WORDINGS: dict[str, tuple[str, ...]] = {
-    "count": (
-        "how many shapes are there?",
-        "how many objects are in the picture?",
-        "how many shapes can you see?",
-        "what number of shapes does the picture show?",
-    ),
-    "color": (
-        "what color is the {shape}?",
-        "which color is the {shape}?",
-        "what is the color of the {shape}?",
-        "what color does the {shape} have?",
-    ),
-    "shape": (
-        "what shape is the {color} object?",
-        "which shape is the {color} object?",
-        "what is the shape of the {color} object?",
-        "tell me the shape of the {color} object.",
-    ),
-    "position": (
-        "where is the {color} {shape}?",
-        "where in the picture is the {color} {shape}?",
-        "where can you see the {color} {shape}?",
-        "in which part of the picture is the {color} {shape}?",
-    ),
-    "exists": (
-        "is there {object}?",
-        "can you see {object}?",
-        "is there {object} in the picture?",
-        "do you see {object}?",
-    ),
-}
-HELD_OUT_WORDINGS: dict[str, tuple[str, ...]] = {
-    "count": (
-        "how many shapes does the picture show?",
-        "in the picture, how many objects are there?",
-    ),
-    "color": (
-        "the {shape} is what color?",
-        "which color does the {shape} have?",
-        "tell me the color of the {shape}.",
-    ),
-    "shape": (
-        "the {color} object is what shape?",
-        "what shape does the {color} object have?",
-        "which shape does the {color} object have?",
-    ),
-    "position": (
-        "the {color} {shape} is where?",
-        "where does the picture show the {color} {shape}?",
-        "which part of the picture is the {color} {shape} in?",
-    ),
-    "exists": (
-        "does the picture show {object}?",
-        "do you see {object} in the picture?",
-    ),
-}
 WORDING_MODES: tuple[str, ...] = ("canonical", "train", "held_out")
 
 
@@ -519,73 +459,6 @@ def make_example(split: str, index: int, seed: int, image_size: int = 224) -> Sc
 def make_split(name: str, n: int, seed: int = 0, image_size: int = 224) -> list[SceneExample]:
     """`n` examples of split `name` (one of `SPLITS`); images are rendered with `render`."""
     return [make_example(name, i, seed, image_size) for i in range(n)]
-
-
-def write_split(root: str | Path, name: str, n: int, seed: int = 0, image_size: int = 224) -> Path:
-    """Write split `name` to `root/name/` and return that folder. Same arguments give identical bytes.
-
-    Layout: `images/{name}_{i:06d}.png`, `captions.jsonl` (captions, objects and the background grey per
-    image), `questions.jsonl`, and the COCO/VQA style
-    `captions_coco.json`, `vqa_questions.json`, `vqa_annotations.json`. Image ids are the indices `i`;
-    question ids are `i * 100 + k` for the image's k-th question. Paths in the files are relative to
-    `root/name/`. VQA annotations repeat the single answer ten times, so the standard 10-answer accuracy
-    applies unchanged.
-    """
-    out = Path(root) / name
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    examples = make_split(name, n, seed, image_size)
-    caption_lines, question_lines = [], []
-    coco: dict[str, list[dict[str, Any]]] = {"images": [], "annotations": []}
-    vqa_questions: list[dict[str, Any]] = []
-    vqa_annotations: list[dict[str, Any]] = []
-    for image_id, example in enumerate(examples):
-        rel_path = f"images/{name}_{image_id:06d}.png"
-        render(example.scene).save(out / rel_path, format="PNG")
-        objects = [o.to_dict() for o in example.scene.objects]
-        caption_lines.append(
-            {
-                "image": rel_path,
-                "captions": list(example.captions),
-                "objects": objects,
-                "background": list(example.scene.background),
-            }
-        )
-        coco["images"].append({"id": image_id, "file_name": rel_path})
-        for caption in example.captions:
-            coco["annotations"].append({"image_id": image_id, "id": len(coco["annotations"]), "caption": caption})
-        for k, q in enumerate(example.questions):
-            question_id = image_id * 100 + k
-            question_lines.append({"image": rel_path, "question": q.question, "answer": q.answer, "type": q.type})
-            vqa_questions.append({"image_id": image_id, "question_id": question_id, "question": q.question})
-            vqa_annotations.append(
-                {
-                    "question_id": question_id,
-                    "image_id": image_id,
-                    "question_type": q.type,
-                    "answer_type": _ANSWER_TYPE[q.type],
-                    "multiple_choice_answer": q.answer,
-                    "answers": [
-                        {"answer": q.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)
-                    ],
-                }
-            )
-    _write_jsonl(out / "captions.jsonl", caption_lines)
-    _write_jsonl(out / "questions.jsonl", question_lines)
-    _write_json(out / "captions_coco.json", coco)
-    _write_json(out / "vqa_questions.json", {"questions": vqa_questions})
-    _write_json(out / "vqa_annotations.json", {"annotations": vqa_annotations})
-    return out
-
-
-_ANSWER_TYPE = {"count": "number", "exists": "yes/no", "color": "other", "shape": "other", "position": "other"}
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj), encoding="utf-8")
 
 
 def detailed_caption(objects: list[dict[str, Any]]) -> str:

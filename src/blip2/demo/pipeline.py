@@ -54,6 +54,7 @@ from blip2.checkpoints.offline import MARKER_FILE, ensure_cached_dir
 from blip2.data.datasets import ImageTextDataset
 from blip2.data.feature_cache import CachedFeatureDataset
 from blip2.data.scenes import detailed_caption
+from blip2.demo.results import ceiling_summary, curve, headline, held_out_pair_scores, without_predictions
 from blip2.demo.settings import DemoSettings, StageSettings, demo_config
 from blip2.demo.stages import build_stage1_model, build_stage2_model, is_done, mark_done, train_stage, trainable_weights
 from blip2.model import Blip2, Blip2QFormer
@@ -76,7 +77,7 @@ class Pipeline:
     def data(self) -> Path:
         """``DIR/data/{train,test,compositional,shifted}``: the scene files (rebuilt when the data settings
         change)."""
-        from blip2.data.scenes import write_split
+        from blip2.data.scene_files import write_split
 
         s = self.s
 
@@ -293,8 +294,8 @@ class Pipeline:
     ) -> dict[str, Any]:
         llm_steps = self.s.text_llm.steps if self.s.llm == "demo" else 0
         training: dict[str, Any] = {
-            "image_encoder": _curve(encoder["losses"], self.s.image_encoder.steps, encoder["train_time_s"]),
-            "llm": _curve(llm.get("losses") or [], llm_steps, llm.get("train_time_s")),
+            "image_encoder": curve(encoder["losses"], self.s.image_encoder.steps, encoder["train_time_s"]),
+            "llm": curve(llm.get("losses") or [], llm_steps, llm.get("train_time_s")),
         }
         for stage in ("stage1", "stage2"):
             log = self.training_log(stage)
@@ -312,7 +313,7 @@ class Pipeline:
             "targets": dict(self.s.targets),
             "image_encoder_probe": encoder["probe"],
             "llm_name": LLM_NAMES[self.s.llm],
-            "llm_ceiling": _ceiling_summary(llm.get("ceiling"), LLM_NAMES[self.s.llm]),
+            "llm_ceiling": ceiling_summary(llm.get("ceiling"), LLM_NAMES[self.s.llm]),
             "splits": {split: without_predictions(r) for split, r in results.items()},
             "training": training,
             "settings": self.s.to_dict(),
@@ -334,92 +335,6 @@ LLM_NAMES = {
     "demo": "the demo's text LLM (MiniLM-L6 layers as a causal decoder, pretrained here on text only)",
     "gemma-3-270m": "Gemma 3 270M",
 }
-
-
-def _curve(losses: list[float], steps: int, seconds: float | None) -> dict[str, Any]:
-    return {
-        "steps": steps,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "train_time_s": seconds,
-    }
-
-
-def _ceiling_summary(report: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
-    if report is None:
-        return None
-    keys = ("overall", "per_type", "n_questions", "n_images")
-    return {"llm": name, **{k: report.get(k) for k in keys}}
-
-
-def without_predictions(result: dict[str, Any]) -> dict[str, Any]:
-    """A split's `run_eval` result without its per-item predictions (metrics.json keeps the figures)."""
-    from blip2.eval.runner import without_predictions as drop
-
-    return {**drop(result), **({"held_out_pairs": result["held_out_pairs"]} if "held_out_pairs" in result else {})}
-
-
-def held_out_pair_scores(split_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """On the compositional split: of the objects whose colour-shape pair was held out of training, the share
-    its caption names right (colour and shape, size right or unstated); and zero-shot VQA on the questions about
-    a held-out object (naming its pair, "where is the purple triangle?", or asking its colour by its shape, its
-    shape by its colour)."""
-    from blip2.data.scenes import HELD_OUT_PAIRS, caption_attributes
-    from blip2.eval.scenes import load_scenes_eval
-    from blip2.eval.vqa import vqa_score
-
-    data = load_scenes_eval(split_dir)
-    captions = (result.get("captions") or {}).get("predictions") or {}
-    named = total = 0
-    for image_id, objects in data["objects"].items():
-        caption = captions.get(image_id, captions.get(str(image_id)))
-        if caption is None:
-            continue
-        mentions = caption_attributes(str(caption))
-        for obj in objects:
-            if (obj["color"], obj["shape"]) not in HELD_OUT_PAIRS:
-                continue
-            total += 1
-            sizes = {size for size, c, sh in mentions if (c, sh) == (obj["color"], obj["shape"])}
-            named += bool(sizes) and (None in sizes or obj["size"] in sizes)
-    predictions = (result.get("vqa") or {}).get("predictions") or {}
-    scores = []
-    for qid, question in data["questions"].items():
-        held = [o for o in data["objects"][question["image_id"]] if (o["color"], o["shape"]) in HELD_OUT_PAIRS]
-        text, kind = question["question"].lower(), data["annotations"][qid].get("question_type")
-        about = any(
-            f"{o['color']} {o['shape']}" in text
-            or (kind == "color" and o["shape"] in text)
-            or (kind == "shape" and o["color"] in text)
-            for o in held
-        )
-        prediction = predictions.get(qid, predictions.get(str(qid)))
-        if about and prediction is not None:
-            scores.append(vqa_score(prediction, data["annotations"][qid]["answers"]))
-    return {
-        "caption_attribute_accuracy": named / total if total else None,
-        "n_objects": total,
-        "vqa": sum(scores) / len(scores) if scores else None,
-        "n_questions": len(scores),
-    }
-
-
-def headline(results: dict[str, Any]) -> dict[str, Any]:
-    """The figures the demo is judged by (on the test split), under plain names."""
-    retrieval = results.get("retrieval") or {}
-    captions = results.get("captions") or {}
-    vqa = results.get("vqa") or {}
-    attributes = captions.get("attributes") or {}
-    return {
-        "image_to_text_R@1": retrieval.get("i2t_r1"),
-        "text_to_image_R@1": retrieval.get("t2i_r1"),
-        "caption_attribute_accuracy": attributes.get("object"),
-        "captions_naming_every_object": attributes.get("exact"),
-        "CIDEr": captions.get("CIDEr"),
-        "BLEU-4": captions.get("BLEU-4"),
-        "zero_shot_vqa": vqa.get("overall"),
-        "zero_shot_vqa_per_type": vqa.get("per_type"),
-    }
 
 
 # ------------------------------------------------------------------------------------------ caching

@@ -221,7 +221,7 @@ def build_dataset(
     if section.kind in ("jsonl", "csv", "json", "coco") and not section.annotations:
         raise TrainConfigError(f"data.kind={section.kind} needs data.annotations (the annotation file)")
     if section.kind == "scenes":
-        from blip2.data.scenes import write_split
+        from blip2.data.scene_files import write_split
 
         root = _rank0_first(
             work_dir / "data" / ".train.ready",
