@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,7 @@ def test_itg_generation_greedy_matches_stepwise_argmax() -> None:
 @pytest.mark.multiprocess
 def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # noqa: ANN001
     """ITC over a global batch split on 2 gloo ranks (gradients averaged as DDP does) gives the gradients of
-    the 1-process loss on the whole batch (tolerance 1e-6), for an even split and for an uneven one (one rank
+    the 1-process loss on the whole batch (tolerance 1e-5), for an even split and for an uneven one (one rank
     dropped samples), with the other side's features gathered without gradient (LAVIS) and with it; a full
     stage-1 step runs on the uneven split."""
     script = Path(__file__).with_name("helpers_ddp_itc.py")
@@ -279,9 +280,21 @@ def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # 
     pixels = torch.randn(8, 3, 32, 32, generator=g)
     ids = torch.randint(5, 90, (8, 6), generator=g)
     ids[:, 0] = 1
+    assert ddp.keys() == {f"{split}-{mode}" for split in ("even", "uneven") for mode in ("grad", "nograd")}
+    # The reference runs with the ranks' thread count (torchrun gives each rank OMP_NUM_THREADS, 1 when unset).
+    # Split batches (3 + 5 rows) sum in another order than one batch of 8: gradients agree to ~1e-6, not exactly;
+    # the tolerance is 1e-5 (measured here: 1e-6 failed on query_tokens with 1 thread, passed with 2).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        _compare_itc_grads(ddp, pixels, ids)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_itc_grads(ddp: dict, pixels: torch.Tensor, ids: torch.Tensor) -> None:
     from blip2.testing import make_tiny_model
 
-    assert ddp.keys() == {f"{split}-{mode}" for split in ("even", "uneven") for mode in ("grad", "nograd")}
     for mode in ("grad", "nograd"):
         model = make_tiny_model(None, llm=None, seed=0).eval()
         feats, _, _ = model.image_embeddings(model.encode_image(pixels))
@@ -293,7 +306,10 @@ def test_itc_gathered_across_two_ranks_equals_one_process(tmp_path) -> None:  # 
             assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
             for name, p in model.named_parameters():
                 if p.grad is not None:
-                    torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=f"{split}-{mode}: {name}")
+                    diff = float((grads[name] - p.grad).abs().max())
+                    torch.testing.assert_close(
+                        grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=f"{split}-{mode}: {name}: max diff {diff:.2e}"
+                    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

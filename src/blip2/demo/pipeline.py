@@ -352,7 +352,8 @@ def cache_keys(s: DemoSettings) -> dict[str, str]:
     image_encoder = _hash(data, "image_encoder", d["image_encoder"], s.seed)
     text_llm = d["text_llm"] if s.llm == "demo" else None
     llm = _hash("llm", s.llm, text_llm, s.seed, data, s.ceiling_images, s.vqa_template, s.answer_words)
-    qformer = (s.num_query_tokens, s.cross_attention_frequency, s.qformer_dropout, s.max_text_tokens, s.tiny)
+    qformer = (s.num_query_tokens, s.qformer_layers, s.cross_attention_frequency, s.qformer_dropout)
+    qformer += (s.max_text_tokens, s.tiny)
     stage1 = _hash(image_encoder, "stage1", d["stage1"], qformer)
     stage2 = _hash(stage1, llm, "stage2", d["stage2"], s.caption_prompt)
     keys = ("caption_generation", "vqa_template", "vqa_generation", "answer_words", "retrieval_k", "caption_metrics")

@@ -68,6 +68,7 @@ class DemoSettings:
     llm: str  # "demo" (the text LLM pretrained here) or "gemma-3-270m"
     text_llm: TextLLMSettings
     num_query_tokens: int
+    qformer_layers: int  # MiniLM-L6's first layers the Q-Former keeps (6: all)
     cross_attention_frequency: int
     qformer_dropout: float
     tiny: bool
@@ -155,6 +156,7 @@ def demo_config(
         qformer = minilm_qformer_config(
             num_query_tokens=s.num_query_tokens,
             encoder_hidden_size=vision.hidden_size,
+            num_hidden_layers=s.qformer_layers,
             cross_attention_frequency=s.cross_attention_frequency,
             hidden_dropout_prob=s.qformer_dropout,
             attention_probs_dropout_prob=s.qformer_dropout,
