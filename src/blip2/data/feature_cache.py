@@ -78,7 +78,7 @@ def build_feature_cache(
         )
     out.mkdir(parents=True, exist_ok=True)
     encoder.to(device)  # in place: the frozen encoder runs where the images are sent
-    features, bad = _encode_images(encoder, paths, processor, batch_size, dtype, device)  # (N, P, Dv)
+    features, bad = encode_images(encoder, paths, processor, batch_size, dtype, device)  # (N, P, Dv)
     tmp = out / "features.safetensors.tmp"
     save_file({"features": features.contiguous()}, str(tmp))
     os.replace(tmp, out / "features.safetensors")
@@ -88,15 +88,17 @@ def build_feature_cache(
     return features
 
 
-def _encode_images(
+@torch.no_grad()
+def encode_images(
     encoder: nn.Module,
     paths: list[str],
     processor: ImageProcessor,
-    batch_size: int,
-    dtype: torch.dtype,
-    device: str | torch.device,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, list[str]]:
-    """The encoder's features of every image (N, P, Dv), zeros for unreadable ones, and those images' paths."""
+    """The encoder's features of every image (N, P, Dv), zeros for unreadable ones, and those images' paths
+    (in memory; `build_feature_cache` writes them to a cache directory)."""
     encoder.eval()
     chunks: list[torch.Tensor] = []
     bad: list[str] = []

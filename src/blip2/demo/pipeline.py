@@ -97,7 +97,7 @@ class Pipeline:
         """Pretrain the CNN (supervised, fresh training-split scenes), freeze it, probe it, and encode every
         training image once. Returns its weights ("weights"), the training features ("train", (N, P, Dv), in
         `train_dataset` order), the probe's accuracies and the pretraining losses."""
-        from blip2.data.feature_cache import build_feature_cache, image_paths_of, read_feature_cache
+        from blip2.data.feature_cache import build_feature_cache, encode_images, image_paths_of, read_feature_cache
         from blip2.data.transforms import ImageProcessor
         from blip2.demo.encoder import cell_labels, linear_probe, pretrain_encoder
         from blip2.vision import build_vision_encoder
@@ -116,7 +116,7 @@ class Pipeline:
             save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
             feats = build_feature_cache(encoder, image_paths_of(train), processor, tmp)  # (N, P, Dv)
             test = self.train_dataset(data_dir, split="test")
-            test_feats = _encode(encoder, processor, image_paths_of(test))  # (M, P, Dv)
+            test_feats, _ = encode_images(encoder, image_paths_of(test), processor)  # (M, P, Dv)
             probe = linear_probe(
                 feats,
                 torch.stack([cell_labels(objects) for objects in _objects_of(data_dir / "train")]),
@@ -332,7 +332,7 @@ class Pipeline:
 
 EVAL_SPLITS = ("test", "compositional", "shifted")
 LLM_NAMES = {
-    "demo": "the demo's text LLM (MiniLM-L6 layers as a causal decoder, pretrained here on text only)",
+    "demo": "MiniLM-L6 layers as a causal decoder, pretrained here on text only",
     "gemma-3-270m": "Gemma 3 270M",
 }
 
@@ -444,14 +444,3 @@ def _objects_of(split_dir: Path) -> list[list[dict[str, Any]]]:
     """Each image's objects, in the order of the split's captions.jsonl (the order of its datasets)."""
     lines = (split_dir / "captions.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["objects"] for line in lines if line.strip()]
-
-
-@torch.no_grad()
-def _encode(encoder: torch.nn.Module, processor: Any, paths: list[str], batch_size: int = 64) -> torch.Tensor:
-    """(N, P, Dv) frozen features of the images at ``paths``."""
-    from blip2.data.images import load_image
-
-    parts = [
-        encoder(processor([load_image(p) for p in paths[i : i + batch_size]])) for i in range(0, len(paths), batch_size)
-    ]
-    return torch.cat(parts)

@@ -442,7 +442,6 @@ def write_report(
     Missing figures show as "–".
     """
     llm = metrics.get("llm_name") or _dig(metrics, "llm_ceiling", "llm") or "a small LLM"
-    llm = llm.replace("the demo's text LLM (", "").rstrip(")") if llm.startswith("the demo's text LLM (") else llm
     data = {s: _load(Path(d)) for s, d in split_dirs.items()}
     test_data, test_result = data.get("test"), results.get("test") or {}
     samples = _sample_cards(test_data, test_result, n_samples) if test_data is not None else ""

@@ -25,7 +25,7 @@ LLM_CHOICES = ("demo", "gemma-3-270m")
 
 @dataclass
 class StageSettings:
-    """One training stage (the ViT's contrastive pretraining, stage 1 or stage 2)."""
+    """One BLIP-2 training stage (stage 1 or stage 2)."""
 
     steps: int
     batch_size: int
