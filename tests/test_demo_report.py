@@ -125,8 +125,9 @@ def test_report_reads_as_a_result(report: tuple[Path, str, dict[str, Path]]) -> 
     assert path.name == "report.html" and page.startswith("<!doctype html>")
     assert "no question was ever paired with an image" in page.lower() and "Gemma 3 270M" in page
     # the headline table: plain labels, one column per split, the target; None and NaN as "–"
-    i2t = _row(page, "image → text retrieval, recall@1")
-    assert i2t == ["image → text retrieval, recall@1", "50.0%", "–", "–", "≥ 40.0%"]  # retrieval: test only
+    label = "image → text retrieval, recall@1 (each image's full description)"
+    i2t = _row(page, label)
+    assert i2t == [label, "50.0%", "–", "–", "≥ 40.0%"]  # retrieval: test only
     assert _row(page, "captions naming each object's colour and shape")[1:4] == ["33.3%"] * 3
     cider = _row(page, "CIDEr (captions against the references)")
     assert cider[1:] == ["–", "0.900", "0.900", "–"]  # the headline's None (metrics.json is the record)
@@ -159,7 +160,7 @@ def test_report_samples_retrieval_and_training(report: tuple[Path, str, dict[str
     # retrieval: the first test image's top 5, the right texts marked
     retrieval = page.split("<h2>Retrieval example</h2>")[1].split("<h2>")[0]
     assert "alt='retrieval query scene" in retrieval and retrieval.count("<tr><td class='num'>") == 5
-    assert "4 of the top 5 describe this image" in retrieval
+    assert "4 of the top 5 belong to this image" in retrieval
     assert _row(retrieval, "1") == ["1", "✓", test["references"][first][0], "3.50"]
     assert _row(retrieval, "2")[1] == ""  # a text of another image: not marked
     # training: the loss curves as an embedded PNG, the empty stage left out

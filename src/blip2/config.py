@@ -199,12 +199,20 @@ def eva_vit_g(image_size: int = 224) -> VisionConfig:
 
 
 def small_cnn(
-    width: int = 64, depth: int = 6, downsample: int = 3, position_features: int = 16, image_size: int = 64
+    width: int = 64,
+    depth: int = 6,
+    downsample: int = 3,
+    position_features: int = 16,
+    image_size: int = 64,
+    token_grid: int = 0,
 ) -> VisionConfig:
     """A small CNN encoder (`blip2.vision.SmallCNN`): ``depth`` 3x3 conv layers (BatchNorm, ReLU), every
     second one of the first ``2 * downsample`` with stride 2, so an ``image_size`` image gives
-    ``(image_size / 2**downsample)**2`` tokens of ``width + position_features`` features."""
+    ``(image_size / 2**downsample)**2`` tokens of ``width + position_features`` features; ``token_grid`` > 0
+    average-pools the feature map to ``token_grid`` x ``token_grid`` tokens instead."""
     config = {"width": width, "depth": depth, "downsample": downsample, "position_features": position_features}
+    if token_grid:
+        config["token_grid"] = token_grid
     return VisionConfig(
         kind="cnn",
         hf_config=config,

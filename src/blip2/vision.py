@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from blip2.config import VisionConfig
@@ -111,6 +112,8 @@ class SmallCNN(nn.Module):
     stride 2. The last feature map (B, width, h, w) becomes h*w tokens, each with ``position_features`` fixed
     2-D sin/cos features of its grid cell appended: the Q-Former's cross-attention has no position information
     of its own, and a convolutional feature map holds little (a ViT adds learned position embeddings instead).
+    ``token_grid`` > 0 average-pools the last feature map to that many rows and columns first (fewer, coarser
+    tokens: each summarises a region, as a ViT patch does).
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -130,7 +133,8 @@ class SmallCNN(nn.Module):
             channels = width
         self.layers = nn.Sequential(*layers)
         self.hidden_size = width + self.position_features
-        self.grid = config.image_size // 2**downsample
+        self.token_grid = int(cfg.get("token_grid", 0))
+        self.grid = self.token_grid or config.image_size // 2**downsample
 
     def position_table(self, h: int, w: int) -> torch.Tensor:
         """(h * w, position_features): sin/cos of row and column at geometric frequencies, row-major."""
@@ -148,6 +152,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.layers(pixel_values)  # (B, width, h, w)
+        if self.token_grid:
+            feats = F.adaptive_avg_pool2d(feats, self.token_grid)  # (B, width, g, g)
         b, _, h, w = feats.shape
         tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, width)
         position = self.position_table(h, w).to(tokens)  # (h*w, F)

@@ -108,3 +108,24 @@ def init_qformer_from_bert(qformer: nn.Module, bert_state: StateDict) -> list[st
         for k, v in mapped.items():
             own[k].copy_(v)
     return sorted(set(own) - set(mapped))
+
+
+def narrow_vocabulary(bert_state: StateDict, rows: list[list[int]]) -> StateDict:
+    """A copy of a BERT state with a new vocabulary: token ``i``'s word embedding (and MLM-head bias, when the
+    state has one) is the mean of BERT's rows ``rows[i]`` (the WordPiece ids of its word).
+
+    A Q-Former whose texts use a small closed vocabulary keeps BERT's knowledge of those words while its ITG
+    head scores only them (`init_qformer_from_bert` then copies the narrowed state; rows past ``len(rows)``,
+    such as ``[DEC]``, keep their random init)."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("narrow_vocabulary needs at least one BERT row for every new token")
+    out = dict(bert_state)
+    for key in ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"):
+        if key in out:
+            table = out[key]  # (V_bert, D)
+            out[key] = torch.stack([table[r].mean(0) for r in rows])  # (V_new, D)
+    for key in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+        if key in out:
+            bias = out[key]  # (V_bert,)
+            out[key] = torch.stack([bias[r].mean() for r in rows])
+    return out

@@ -50,3 +50,35 @@ def tiny_bert_tokenizer() -> Any:
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
     )
     return tok
+
+
+BERT_WORD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def bert_word_tokenizer(words: list[str]) -> Any:
+    """A lowercasing word-level tokenizer in BERT's layout over ``words``: ``[PAD]`` 0, ``[UNK]``, ``[CLS]``,
+    ``[SEP]``, ``[MASK]``, the words in order, then ``[DEC]`` (the Q-Former's ITG start token) as the last id;
+    ``[CLS] text [SEP]`` like BERT's. Words and runs of punctuation are tokens (whitespace pre-tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(BERT_WORD_SPECIALS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    vocab["[DEC]"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        additional_special_tokens=["[DEC]"],
+    )

@@ -15,6 +15,7 @@ frozen features of the training images, scored per object on another split.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,40 @@ def cell_labels(objects: Sequence[Any]) -> torch.Tensor:
     return labels
 
 
+def token_labels(objects: Sequence[Any], grid: int, image_size: int) -> torch.Tensor:
+    """(grid * grid, 3) long, row-major: per token cell of a ``grid`` x ``grid`` split of the image, the
+    (color, shape, size) class of the object whose centre lies in it, 0 when none does. With ``grid`` 3 the cells
+    are the scenes' position cells (corner tokens always empty)."""
+    labels = torch.zeros(grid * grid, len(ATTRIBUTES), dtype=torch.long)
+    for obj in objects:
+        get = obj.get if isinstance(obj, dict) else lambda k, o=obj: getattr(o, k)
+        x0, y0, x1, y1 = get("bbox")
+        col = min(int((x0 + x1) / 2 * grid / image_size), grid - 1)
+        row = min(int((y0 + y1) / 2 * grid / image_size), grid - 1)
+        for a, (name, values) in enumerate(ATTRIBUTES.items()):
+            labels[row * grid + col, a] = values.index(get(name)) + 1
+    return labels
+
+
+class TokenHead(nn.Module):
+    """One linear head shared by every token: (B, P, D) -> per token and attribute logits. Trained with it, a
+    token's features name the object centred in its cell in the same code wherever the cell is, which is what
+    the Q-Former's cross-attention (one key/value projection for all tokens) can read."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.sizes = [1 + len(v) for v in ATTRIBUTES.values()]
+        self.linear = nn.Linear(in_features, sum(self.sizes))
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.linear(tokens).split(self.sizes, dim=-1))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over tokens and attributes; ``labels`` (B, P, 3)."""
+        parts = [F.cross_entropy(lg.flatten(0, 1), labels[..., a].flatten()) for a, lg in enumerate(self(tokens))]
+        return torch.stack(parts).mean()
+
+
 class CellHead(nn.Module):
     """Flattened tokens (B, P * D) -> per cell and attribute logits, [(B, cells, 1 + n_values)] per attribute."""
 
@@ -67,8 +102,10 @@ def scene_batch(
     render_size: int,
     preprocess: Callable[[list[Any]], torch.Tensor],
     backgrounds: tuple[int, int] | None = None,
+    token_grid: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-split scenes ``indices`` rendered and preprocessed: pixels (B, 3, H, W), labels (B, cells, 3).
+    """Training-split scenes ``indices`` rendered and preprocessed: pixels (B, 3, H, W), labels (B, cells, 3)
+    (`cell_labels`), or with ``token_grid`` > 0 (B, token_grid**2, 3) (`token_labels`).
 
     ``backgrounds`` (lo, hi): redraw each scene's grey background level uniformly in [lo, hi] (seeded by the
     scene index), the photometric augmentation of the encoder's pretraining."""
@@ -78,6 +115,8 @@ def scene_batch(
         levels = [random.Random(f"background/{seed}/{i}").randint(lo, hi) for i in indices]
         scenes = [dataclasses.replace(s, background=(g, g, g)) for s, g in zip(scenes, levels, strict=True)]
     pixels = preprocess([render(scene) for scene in scenes])
+    if token_grid:
+        return pixels, torch.stack([token_labels(scene.objects, token_grid, render_size) for scene in scenes])
     return pixels, torch.stack([cell_labels(scene.objects) for scene in scenes])
 
 
@@ -91,25 +130,35 @@ def pretrain_encoder(
     render_size: int,
     backgrounds: tuple[int, int] | None = None,
     weight_decay: float = 0.01,
+    objective: str = "cells",
 ) -> list[float]:
     """Train ``encoder`` in place on fresh training-split scenes (AdamW, one-cycle schedule); return the loss per
     step. Step ``t`` uses scenes ``t * batch_size ...`` of the split, so the run is a pure function of its
-    arguments. The encoder is left frozen (eval mode, ``requires_grad=False``)."""
+    arguments. The encoder is left frozen (eval mode, ``requires_grad=False``).
+
+    ``objective``: "cells", a linear head on the flattened tokens names each position cell's object
+    (`CellHead`); "tokens", one head shared by all tokens names the object centred in each token's cell
+    (`TokenHead`, `token_labels`)."""
+    if objective not in ("cells", "tokens"):
+        raise ValueError(f"unknown encoder objective {objective!r}; expected 'cells' or 'tokens'")
     torch.manual_seed(seed)
     encoder.requires_grad_(True)
     encoder.train()
     with torch.no_grad():
-        probe_pixels, _ = scene_batch([0], seed, render_size, preprocess)
-        in_features = encoder(probe_pixels).flatten(1).shape[1]
-    head = CellHead(in_features)
+        probe_tokens = encoder(scene_batch([0], seed, render_size, preprocess)[0])  # (1, P, D)
+    grid = math.isqrt(probe_tokens.shape[1]) if objective == "tokens" else 0
+    if grid * grid != probe_tokens.shape[1] and objective == "tokens":
+        raise ValueError(f"the 'tokens' objective needs a square token grid, got {probe_tokens.shape[1]} tokens")
+    head: CellHead | TokenHead = TokenHead(probe_tokens.shape[2]) if grid else CellHead(probe_tokens[0].numel())
     params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     losses = []
     for step in tqdm(range(steps), desc="image encoder", leave=False):
         indices = range(step * batch_size, (step + 1) * batch_size)
-        pixels, labels = scene_batch(indices, seed, render_size, preprocess, backgrounds)
-        loss = head.loss(encoder(pixels).flatten(1), labels)
+        pixels, labels = scene_batch(indices, seed, render_size, preprocess, backgrounds, grid)
+        tokens = encoder(pixels)  # (B, P, D)
+        loss = head.loss(tokens if grid else tokens.flatten(1), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

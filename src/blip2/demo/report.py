@@ -183,8 +183,9 @@ _OBJECT = ("captions", "attributes", "object")
 _EXACT = ("captions", "attributes", "exact")
 # (label, headline key, path in one split's run_eval result, formatter)
 _HEADLINE_ROWS: tuple[tuple[str, str, tuple[str, ...], Any], ...] = (
-    ("image → text retrieval, recall@1", "image_to_text_R@1", ("retrieval", "i2t_r1"), _pct),
-    ("text → image retrieval, recall@1", "text_to_image_R@1", ("retrieval", "t2i_r1"), _pct),
+    ("image → text retrieval, recall@1 (each image's full description)", "image_to_text_R@1", ("retrieval", "i2t_r1"), _pct),
+    ("text → image retrieval, recall@1 (each image's full description)", "text_to_image_R@1", ("retrieval", "t2i_r1"), _pct),
+    ("image → text recall@1, five captions per image", "image_to_text_R@1_captions", ("retrieval_captions", "i2t_r1"), _pct),
     ("objects named with their colour and shape", "caption_attribute_accuracy", _OBJECT, _pct),
     ("captions naming each object's colour and shape", "captions_naming_every_object", _EXACT, _pct),
     ("CIDEr (captions against the references)", "CIDEr", ("captions", "CIDEr"), _score),
@@ -403,9 +404,10 @@ def _retrieval_example(data: Any, retrieval: Mapping[str, Any] | None) -> str:
         )
     n_right = sum(text_image[t] == index for t, _ in top[index])
     return (
-        f"<p>All {len(texts)} reference captions of the test split ranked for the first test image: the image–text "
+        f"<p>All {len(texts)} texts of the test split's retrieval pool (one full description per image) ranked for "
+        "the first test image: the image–text "
         "contrastive similarity picks a shortlist, the matching head re-scores it. "
-        f"{n_right} of the top {len(top[index])} describe this image (✓); the others belong to other scenes.</p>"
+        f"{n_right} of the top {len(top[index])} belong to this image (✓); the others describe other scenes.</p>"
         "<div class='card'>"
         f"<img src='{_png_data_uri(Path(data['paths'][image_id]))}' alt='retrieval query scene {_esc(image_id)}'>"
         "<div><table><thead><tr><th class='num'>rank</th><th></th><th>text</th>"

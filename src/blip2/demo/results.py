@@ -76,7 +76,8 @@ def held_out_pair_scores(split_dir: Path, result: dict[str, Any]) -> dict[str, A
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
-    """The figures the demo is judged by (on the test split), under plain names."""
+    """The figures the demo is judged by (on the test split), under plain names. Retrieval: each image's full
+    description among the split's (``retrieval``); ``..._captions``: its five captions (``retrieval_captions``)."""
     retrieval = results.get("retrieval") or {}
     captions = results.get("captions") or {}
     vqa = results.get("vqa") or {}
@@ -84,6 +85,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     return {
         "image_to_text_R@1": retrieval.get("i2t_r1"),
         "text_to_image_R@1": retrieval.get("t2i_r1"),
+        "image_to_text_R@1_captions": (results.get("retrieval_captions") or {}).get("i2t_r1"),
         "caption_attribute_accuracy": attributes.get("object"),
         "captions_naming_every_object": attributes.get("exact"),
         "CIDEr": captions.get("CIDEr"),
