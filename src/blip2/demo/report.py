@@ -179,13 +179,16 @@ def _training(losses: Mapping[str, Sequence[float]]) -> str:
 
 # ------------------------------------------------------------------------------------------ headline table
 
+_I2T = "image → text retrieval, recall@1 (each image's full description)"
+_T2I = "text → image retrieval, recall@1 (each image's full description)"
+_I2T_CAPTIONS = "image → text recall@1, five captions per image"
 _OBJECT = ("captions", "attributes", "object")
 _EXACT = ("captions", "attributes", "exact")
 # (label, headline key, path in one split's run_eval result, formatter)
 _HEADLINE_ROWS: tuple[tuple[str, str, tuple[str, ...], Any], ...] = (
-    ("image → text retrieval, recall@1 (each image's full description)", "image_to_text_R@1", ("retrieval", "i2t_r1"), _pct),
-    ("text → image retrieval, recall@1 (each image's full description)", "text_to_image_R@1", ("retrieval", "t2i_r1"), _pct),
-    ("image → text recall@1, five captions per image", "image_to_text_R@1_captions", ("retrieval_captions", "i2t_r1"), _pct),
+    (_I2T, "image_to_text_R@1", ("retrieval", "i2t_r1"), _pct),
+    (_T2I, "text_to_image_R@1", ("retrieval", "t2i_r1"), _pct),
+    (_I2T_CAPTIONS, "image_to_text_R@1_captions", ("retrieval_captions", "i2t_r1"), _pct),
     ("objects named with their colour and shape", "caption_attribute_accuracy", _OBJECT, _pct),
     ("captions naming each object's colour and shape", "captions_naming_every_object", _EXACT, _pct),
     ("CIDEr (captions against the references)", "CIDEr", ("captions", "CIDEr"), _score),
