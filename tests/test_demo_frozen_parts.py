@@ -12,7 +12,15 @@ import torch
 from blip2.config import small_cnn
 from blip2.data.scene_files import write_split
 from blip2.data.scenes import HELD_OUT_PAIRS, POSITIONS, make_example, scene_vocabulary, text_tokens
-from blip2.demo.encoder import ATTRIBUTES, cell_labels, linear_probe, pretrain_encoder, scene_batch
+from blip2.demo.encoder import (
+    ATTRIBUTES,
+    TokenHead,
+    cell_labels,
+    linear_probe,
+    pretrain_encoder,
+    scene_batch,
+    token_labels,
+)
 from blip2.demo.text_llm import (
     BOS,
     IMAGE,
@@ -60,6 +68,44 @@ def test_small_cnn_rejects_bad_sizes() -> None:
         SmallCNN(small_cnn(position_features=6))
     with pytest.raises(ValueError, match="depth"):
         SmallCNN(small_cnn(depth=4, downsample=3))
+
+
+def test_small_cnn_pools_to_a_token_grid() -> None:
+    encoder = SmallCNN(small_cnn(width=16, depth=6, downsample=3, position_features=8, image_size=64, token_grid=3))
+    out = encoder(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 9, 24) and encoder.grid == 3  # 8x8 map pooled to 3x3 tokens
+    assert len({tuple(row.tolist()) for row in out[0, :, 16:]}) == 9  # one position code per token
+
+
+def test_token_labels_name_the_object_centred_in_each_token() -> None:
+    scene = make_example("train", 5, seed=0, image_size=64).scene
+    labels = token_labels(scene.objects, grid=3, image_size=64)  # (9, 3)
+    assert labels.shape == (9, len(ATTRIBUTES))
+    assert int((labels[:, 0] > 0).sum()) == len(scene.objects)
+    cell = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # the scenes' positions, row-major
+    for obj in scene.objects:
+        row = labels[cell[obj.position]]
+        assert ATTRIBUTES["color"][int(row[0]) - 1] == obj.color
+        assert ATTRIBUTES["shape"][int(row[1]) - 1] == obj.shape
+        assert ATTRIBUTES["size"][int(row[2]) - 1] == obj.size
+    assert labels[[0, 2, 6, 8]].eq(0).all()  # no object is ever centred in a corner cell
+    assert torch.equal(labels, token_labels([o.to_dict() for o in scene.objects], 3, 64))
+
+
+def test_token_objective_trains_one_head_for_every_token() -> None:
+    from blip2.data.transforms import ImageProcessor
+
+    config = small_cnn(width=8, image_size=64, token_grid=3)
+    encoder = SmallCNN(config)
+    processor = ImageProcessor.from_vision_config(config)
+    losses = pretrain_encoder(encoder, processor, 2, 4, 1e-3, seed=0, render_size=64, objective="tokens")
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    _, labels = scene_batch([0, 1], 0, 64, processor, token_grid=3)
+    assert labels.shape == (2, 9, 3)
+    head = TokenHead(16)
+    assert [lg.shape for lg in head(torch.randn(2, 9, 16))] == [(2, 9, 9), (2, 9, 5), (2, 9, 3)]
+    with pytest.raises(ValueError, match="objective"):
+        pretrain_encoder(encoder, processor, 1, 2, 1e-3, seed=0, render_size=64, objective="pixels")
 
 
 def test_cell_labels_name_each_cell() -> None:
@@ -170,3 +216,64 @@ def test_bert_decoders_generate_on_the_plain_path(tmp_path: Path) -> None:
 
     model = decoder_from_minilm(tiny_llm_settings(), build_tokenizer())
     assert expansion_factor(model, {"num_beams": 1, "max_new_tokens": 2}) is None
+
+
+# ---------------------------------------------------------------------------------------------- Q-Former
+
+
+def test_word_level_qformer_starts_from_minilm_embeddings() -> None:
+    """``qformer_vocabulary: words``: each scene word's embedding is MiniLM's (the mean of its WordPieces), the
+    ITG head scores only those words, and captions tokenize to known words in BERT's layout."""
+    from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer
+    from blip2.demo.settings import DemoSettings, demo_config
+    from blip2.demo.stages import build_stage1_model
+
+    settings = DemoSettings.load()
+    settings.qformer_vocabulary, settings.qformer_layers = "words", 2
+    encoder = build_vision_encoder(demo_config(settings, with_llm=False).vision)
+    model = build_stage1_model(settings, encoder.state_dict())
+    tokenizer, q = model.tokenizer, model.config.qformer
+    assert q.vocab_size == len(tokenizer) < 100 and q.bos_token_id == tokenizer.convert_tokens_to_ids("[DEC]")
+    ids = tokenizer("two shapes: a small red circle on the left")["input_ids"]
+    assert ids[0] == q.cls_token_id and ids[-1] == q.sep_token_id and tokenizer.unk_token_id not in ids
+    wordpiece, bert = load_bert_tokenizer(), bert_state_dict()["embeddings.word_embeddings.weight"]
+    table = model.qformer.embeddings.word_embeddings.weight
+    for word in ("circle", "left", "[CLS]"):
+        assert torch.equal(table[tokenizer.convert_tokens_to_ids(word)], bert[wordpiece.convert_tokens_to_ids(word)])
+    batch = tokenizer(["a red square", "one shape: a large blue star"], padding="longest", return_tensors="pt")
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_features=torch.randn(2, 9, 48)
+    )
+    assert torch.isfinite(out.loss)
+
+
+def test_cross_attention_init_is_scaled_for_a_narrow_encoder() -> None:
+    from blip2.config import Blip2Config, minilm_l6_qformer
+    from blip2.demo.stages import scale_cross_attention_init
+    from blip2.model import Blip2QFormer
+
+    qformer = minilm_l6_qformer(num_query_tokens=4, encoder_hidden_size=48, num_hidden_layers=2)
+    model = Blip2QFormer(Blip2Config(vision=small_cnn(width=32), qformer=qformer, llm=None))
+    before = model.qformer.layers[0].cross_attn.key.weight.std().item()
+    scale_cross_attention_init(model, 0.108)
+    for layer in model.qformer.layers:
+        if layer.cross_attn is not None:
+            for linear in (layer.cross_attn.key, layer.cross_attn.value):
+                assert linear.weight.std().item() == pytest.approx(0.108, rel=0.05)
+    assert before == pytest.approx(0.02, rel=0.1)
+    assert model.qformer.layers[0].self_attn.key.weight.std().item() == pytest.approx(0.02, rel=0.1)  # untouched
+
+
+def test_narrow_vocabulary_means_the_rows() -> None:
+    from blip2.checkpoints.bert import narrow_vocabulary
+
+    state = {
+        "embeddings.word_embeddings.weight": torch.arange(12.0).view(4, 3),
+        "cls.predictions.bias": torch.arange(4.0),
+    }
+    out = narrow_vocabulary(state, [[0], [1, 3]])
+    assert torch.equal(out["embeddings.word_embeddings.weight"], torch.tensor([[0.0, 1, 2], [6, 7, 8]]))
+    assert torch.equal(out["cls.predictions.bias"], torch.tensor([0.0, 2.0]))
+    assert state["embeddings.word_embeddings.weight"].shape == (4, 3)  # the input is not changed
+    with pytest.raises(ValueError, match="at least one"):
+        narrow_vocabulary(state, [[0], []])
