@@ -45,6 +45,7 @@ def tiny_llm_settings(steps: int = 2) -> TextLLMSettings:
         weight_decay=0.0,
         caption_probability=0.5,
         max_questions=4,
+        chunk_probability=0.5,
     )
 
 
@@ -277,3 +278,29 @@ def test_narrow_vocabulary_means_the_rows() -> None:
     assert state["embeddings.word_embeddings.weight"].shape == (4, 3)  # the input is not changed
     with pytest.raises(ValueError, match="at least one"):
         narrow_vocabulary(state, [[0], []])
+
+
+def test_chunked_descriptions_average_their_words() -> None:
+    """A chunked document reads its description in consecutive groups of 1-4 words (one position each, the mean
+    of their embeddings); everything after the description stays one word per position, and the loss stays on
+    the answers and captions."""
+    from blip2.demo.text_llm import chunk_description, corpus_batch, embed_groups
+
+    groups = chunk_description(random.Random(0), 11)
+    assert [p for g in groups for p in g] == list(range(1, 12)) and all(1 <= len(g) <= 4 for g in groups)
+    tokenizer = build_tokenizer()
+    settings = tiny_llm_settings()
+    settings.chunk_probability = 1.0
+    batch = corpus_batch(random.Random(0), settings, tokenizer.get_vocab())
+    first = batch["groups"][0]  # (L, G)
+    assert first[0, 0] == tokenizer.bos_token_id and (first[:, 1:] >= 0).any()  # some position holds 2+ words
+    multi = (first[:, 1:] >= 0).any(-1)  # (L,) positions holding several words
+    assert (batch["labels"][0][multi] == -100).all() and (batch["labels"][0] != -100).any()
+    embedding = torch.nn.Embedding(len(tokenizer), 4)
+    vectors = embed_groups(embedding, batch["groups"])  # (B, L, 4)
+    position = int((first[:, 1] >= 0).nonzero()[0])
+    ids = first[position][first[position] >= 0]
+    assert torch.allclose(vectors[0, position], embedding.weight[ids].mean(0))
+    settings.chunk_probability = 0.0
+    plain = corpus_batch(random.Random(0), settings, tokenizer.get_vocab())
+    assert plain["groups"].shape[-1] == 1  # one word per position

@@ -75,6 +75,7 @@ class TextLLMSettings:
     weight_decay: float
     caption_probability: float  # share of documents that also restate the canonical caption
     max_questions: int  # questions per document: 1 .. max_questions
+    chunk_probability: float  # share of documents whose description is read in chunks (`chunk_description`)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -152,20 +153,66 @@ def corpus_document(rng: random.Random, settings: TextLLMSettings) -> tuple[list
     return words + [EOS], in_loss + [True]
 
 
+def description_length(words: Sequence[str]) -> int:
+    """The number of words of a document's description (they follow BOS; the first prompt word ends them)."""
+    n = 1
+    while n < len(words) and words[n] not in PROMPT_WORDS and words[n] != EOS:
+        n += 1
+    return n - 1
+
+
+def chunk_description(rng: random.Random, n_words: int, max_chunk: int = 4) -> list[list[int]]:
+    """Consecutive groups of the description's word positions (1 .. n_words after BOS), each of 1 to
+    ``max_chunk`` words: a chunked document's description is read one group per position, each group as the
+    mean of its words' embeddings.
+
+    Why: the visual prompt holds a whole scene in a few vectors (8 queries for up to ~27 description words), so
+    each of its positions carries several words at once; a decoder that has only ever read one word per position
+    answers from it as from noise (measured: stage-2 soft prompts drove the captions, but colour questions got
+    shape words). Reading descriptions in chunks, still text only, teaches it to read superposed words."""
+    groups, position = [], 1
+    while position <= n_words:
+        size = rng.randint(1, max_chunk)
+        groups.append(list(range(position, min(position + size, n_words + 1))))
+        position += size
+    return groups
+
+
 def corpus_batch(rng: random.Random, settings: TextLLMSettings, index: Mapping[str, int]) -> dict[str, torch.Tensor]:
-    """``batch_size`` documents, right-padded: input_ids, attention_mask (B, L) and labels (B, L; -100 off
-    the loss)."""
-    docs = [corpus_document(rng, settings) for _ in range(settings.batch_size)]
-    width = max(len(words) for words, _ in docs)
-    input_ids = torch.full((len(docs), width), index[PAD], dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(docs), width), dtype=torch.long)  # (B, L)
-    labels = torch.full((len(docs), width), -100, dtype=torch.long)  # (B, L)
-    for row, (words, in_loss) in enumerate(docs):
-        ids = torch.tensor([index.get(w, index[UNK]) for w in words])
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.where(torch.tensor(in_loss), ids, torch.tensor(-100))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    """``batch_size`` documents, right-padded: ``groups`` (B, L, G) token ids read at each position (their
+    embeddings averaged; ``-1`` pads a group), attention_mask (B, L) and labels (B, L; -100 off the loss). A
+    plain document has one token per position; a chunked one (``chunk_probability``) several per description
+    position (`chunk_description`)."""
+    rows = []
+    for _ in range(settings.batch_size):
+        words, in_loss = corpus_document(rng, settings)
+        ids = [index.get(w, index[UNK]) for w in words]
+        n = description_length(words)
+        groups = [[0]] + [[p] for p in range(1, n + 1)]
+        if settings.chunk_probability > 0 and rng.random() < settings.chunk_probability:
+            groups = [[0], *chunk_description(rng, n)]
+        groups += [[p] for p in range(n + 1, len(words))]
+        labels = [ids[g[0]] if len(g) == 1 and in_loss[g[0]] else -100 for g in groups]
+        rows.append(([[ids[p] for p in g] for g in groups], labels))
+    width = max(len(groups) for groups, _ in rows)
+    depth = max(len(g) for groups, _ in rows for g in groups)
+    group_ids = torch.full((len(rows), width, depth), -1, dtype=torch.long)  # (B, L, G)
+    group_ids[:, :, 0] = index[PAD]
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, L)
+    for row, (groups, row_labels) in enumerate(rows):
+        for position, group in enumerate(groups):
+            group_ids[row, position, : len(group)] = torch.tensor(group)
+        attention_mask[row, : len(groups)] = 1
+        labels[row, : len(groups)] = torch.tensor(row_labels)
+    return {"groups": group_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def embed_groups(embedding: torch.nn.Embedding, groups: torch.Tensor) -> torch.Tensor:
+    """(B, L, G) token ids (-1: none) -> (B, L, D): the mean embedding of each position's tokens."""
+    present = (groups >= 0).unsqueeze(-1).to(embedding.weight.dtype)  # (B, L, G, 1)
+    vectors = embedding(groups.clamp_min(0)) * present  # (B, L, G, D)
+    return vectors.sum(2) / present.sum(2)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -253,7 +300,9 @@ def pretrain_text_llm(settings: TextLLMSettings, seed: int, directory: Path) -> 
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = model(**corpus_batch(rng, settings, index)).loss
+        batch = corpus_batch(rng, settings, index)
+        inputs_embeds = embed_groups(model.get_input_embeddings(), batch["groups"])  # (B, L, D)
+        loss = model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
