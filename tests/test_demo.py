@@ -96,15 +96,15 @@ def test_quick_run_gives_its_known_figures(demo_dir: Path) -> None:
     head, training = metrics["headline"], metrics["training"]
     assert head["image_to_text_R@1"] == 0.125 and head["text_to_image_R@1"] == 0.125
     assert head["caption_attribute_accuracy"] == 0.0
-    assert training["image_encoder"]["first_loss"] == pytest.approx(1.7412, abs=1e-4)
-    assert training["image_encoder"]["last_loss"] == pytest.approx(1.9519, abs=1e-4)
+    assert training["image_encoder"]["first_loss"] == pytest.approx(1.6832, abs=1e-4)
+    assert training["image_encoder"]["last_loss"] == pytest.approx(1.6157, abs=1e-4)
     assert training["llm"]["first_loss"] == pytest.approx(4.7704, abs=1e-4)
     assert training["llm"]["last_loss"] == pytest.approx(2.8355, abs=1e-4)
-    assert training["stage1"]["first"]["loss"] == pytest.approx(7.817897, rel=1e-4)
-    assert training["stage1"]["first"]["loss_itc"] == pytest.approx(2.524908, rel=1e-4)
-    assert training["stage1"]["last"]["loss"] == pytest.approx(7.411283, rel=1e-4)
-    assert training["stage2"]["first"]["loss"] == pytest.approx(2.873362, rel=1e-4)
-    assert training["stage2"]["last"]["loss"] == pytest.approx(2.523410, rel=1e-4)
+    assert training["stage1"]["first"]["loss"] == pytest.approx(7.673149, rel=1e-4)
+    assert training["stage1"]["first"]["loss_itc"] == pytest.approx(2.371696, rel=1e-4)
+    assert training["stage1"]["last"]["loss"] == pytest.approx(7.453183, rel=1e-4)
+    assert training["stage2"]["first"]["loss"] == pytest.approx(2.867480, rel=1e-4)
+    assert training["stage2"]["last"]["loss"] == pytest.approx(2.515918, rel=1e-4)
 
 
 def test_second_run_reuses_the_cache(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
