@@ -8,6 +8,8 @@ LAVIS and transformers maps are built on it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,6 +110,13 @@ def init_qformer_from_bert(qformer: nn.Module, bert_state: StateDict) -> list[st
         for k, v in mapped.items():
             own[k].copy_(v)
     return sorted(set(own) - set(mapped))
+
+
+def wordpiece_rows(tokens: list[str], wordpiece: Any, specials: Mapping[str, str]) -> list[list[int]]:
+    """For each of ``tokens``, the ids of its WordPieces in ``wordpiece`` (a BERT tokenizer); a token in
+    ``specials`` stands for that BERT special token (e.g. ``{"<s>": "[CLS]"}``). The rows `narrow_vocabulary`
+    averages."""
+    return [wordpiece.convert_tokens_to_ids([specials[t]] if t in specials else wordpiece.tokenize(t)) for t in tokens]
 
 
 def narrow_vocabulary(bert_state: StateDict, rows: list[list[int]]) -> StateDict:

@@ -44,18 +44,16 @@ def build_stage1_model(settings: DemoSettings, encoder_state: dict[str, torch.Te
         model.tokenizer = tiny_bert_tokenizer()
     else:
         from blip2.checkpoints import init_qformer_from_bert
-        from blip2.checkpoints.bert import narrow_vocabulary
+        from blip2.checkpoints.bert import narrow_vocabulary, wordpiece_rows
         from blip2.checkpoints.offline import bert_state_dict, load_bert_tokenizer
 
         state = bert_state_dict()
         model.tokenizer = qformer_tokenizer(settings)
         if settings.qformer_vocabulary == "words":
-            wordpiece = load_bert_tokenizer()
-            rows = []
-            for token, _ in sorted(model.tokenizer.get_vocab().items(), key=lambda item: item[1])[:-1]:  # not [DEC]
-                pieces = [token] if token in model.tokenizer.all_special_tokens else wordpiece.tokenize(token)
-                rows.append(wordpiece.convert_tokens_to_ids(pieces))
-            state = narrow_vocabulary(state, rows)
+            vocab = model.tokenizer.get_vocab()
+            tokens = sorted(vocab, key=vocab.get)[:-1]  # in id order, without [DEC] (the last id)
+            specials = {t: t for t in model.tokenizer.all_special_tokens}  # BERT's own special tokens
+            state = narrow_vocabulary(state, wordpiece_rows(tokens, load_bert_tokenizer(), specials))
         init_qformer_from_bert(model.qformer, state)
     if settings.qformer_kv_init_std > 0:
         scale_cross_attention_init(model, settings.qformer_kv_init_std)

@@ -230,6 +230,7 @@ def decoder_from_minilm(settings: TextLLMSettings, tokenizer: Any) -> Any:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
 
+    from blip2.checkpoints.bert import narrow_vocabulary, wordpiece_rows
     from blip2.checkpoints.offline import minilm_path
 
     source = minilm_path()
@@ -255,12 +256,10 @@ def decoder_from_minilm(settings: TextLLMSettings, tokenizer: Any) -> Any:
     model = BertLMHeadModel(config)
     specials = {PAD: wordpiece.pad_token, BOS: wordpiece.cls_token, EOS: wordpiece.sep_token, UNK: wordpiece.unk_token}
     specials[IMAGE] = wordpiece.mask_token
-    table = base["embeddings.word_embeddings.weight"]  # (30522, H)
-    rows = []
-    for word, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        pieces = [specials[word]] if word in specials else wordpiece.tokenize(word)
-        rows.append(table[wordpiece.convert_tokens_to_ids(pieces)].mean(0))
-    state = {"bert.embeddings.word_embeddings.weight": torch.stack(rows)}  # (V, H)
+    vocab = tokenizer.get_vocab()
+    words = sorted(vocab, key=vocab.get)  # in id order
+    narrowed = narrow_vocabulary(base, wordpiece_rows(words, wordpiece, specials))
+    state = {"bert.embeddings.word_embeddings.weight": narrowed["embeddings.word_embeddings.weight"]}  # (V, H)
     for key, value in base.items():
         if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= settings.layers:
             continue
