@@ -146,9 +146,11 @@ def pretrain_encoder(
     encoder.train()
     with torch.no_grad():
         probe_tokens = encoder(scene_batch([0], seed, render_size, preprocess)[0])  # (1, P, D)
-    grid = math.isqrt(probe_tokens.shape[1]) if objective == "tokens" else 0
-    if grid * grid != probe_tokens.shape[1] and objective == "tokens":
-        raise ValueError(f"the 'tokens' objective needs a square token grid, got {probe_tokens.shape[1]} tokens")
+    n_tokens, grid = probe_tokens.shape[1], 0  # grid 0: the "cells" objective
+    if objective == "tokens":
+        grid = math.isqrt(n_tokens)
+        if grid * grid != n_tokens:
+            raise ValueError(f"the 'tokens' objective needs a square token grid, got {n_tokens} tokens")
     head: CellHead | TokenHead = TokenHead(probe_tokens.shape[2]) if grid else CellHead(probe_tokens[0].numel())
     params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

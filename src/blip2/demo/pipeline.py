@@ -228,6 +228,7 @@ class Pipeline:
     def evaluate(self, data_dir: Path, stage1: Blip2QFormer, stage2: Blip2) -> dict[str, dict[str, Any]]:
         """`run_eval` on every evaluation split (retrieval, captions, zero-shot VQA), predictions kept."""
         from blip2.eval.runner import run_eval
+        from blip2.eval.scenes import load_scenes_eval
 
         s, key = self.s, self.keys["eval"]
         path = self.cache / f"eval-{key}.json"
@@ -237,10 +238,11 @@ class Pipeline:
         for split in EVAL_SPLITS:
             if self.split_sizes()[split] == 0:
                 continue
+            data = load_scenes_eval(data_dir / split)  # read once: both retrieval protocols and run_eval
             results[split] = run_eval(
                 model=stage2,
                 retrieval_model=stage1,
-                scenes=data_dir / split,
+                data=data,
                 caption_prompt=s.caption_prompt or None,
                 caption_generation=s.caption_generation,
                 vqa_template=s.vqa_template,
@@ -252,25 +254,24 @@ class Pipeline:
                 keep_predictions=True,
             )
             results[split]["retrieval_captions"] = results[split]["retrieval"]
-            results[split]["retrieval"] = self._description_retrieval(stage1, data_dir / split)
+            results[split]["retrieval"] = self._description_retrieval(stage1, data)
             if split == "compositional":
                 results[split]["held_out_pairs"] = held_out_pair_scores(data_dir / split, results[split])
         self.cache.mkdir(parents=True, exist_ok=True)
         _write_json(path, results)
         return json.loads(path.read_text())  # the same (JSON) keys on a fresh run as on a cached one
 
-    def _description_retrieval(self, stage1: Blip2QFormer, split_dir: Path) -> dict[str, Any]:
+    def _description_retrieval(self, stage1: Blip2QFormer, data: Any) -> dict[str, Any]:
         """Retrieval with one text per image, its full description (`detailed_caption`: every object's size,
         colour, shape and position), so every text is true of exactly one image of the split.
 
         The scenes' five captions per image are a poor retrieval pool: many leave out sizes and positions, and on
         the test split 32 of 100 images share a caption word for word with another image ("a picture of a
         small red circle"), so a retrieval that ranks every true text equally counts those images as misses.
-        That protocol's figures are kept beside these (``retrieval_captions``)."""
+        That protocol's figures are kept beside these (``retrieval_captions``). ``data``: the split as
+        `blip2.eval.scenes.load_scenes_eval` reads it."""
         from blip2.eval.runner import RETRIEVAL_TOP, eval_retrieval
-        from blip2.eval.scenes import load_scenes_eval
 
-        data = load_scenes_eval(split_dir)
         ids = list(data["references"])
         return eval_retrieval(
             stage1,
