@@ -31,16 +31,23 @@ from blip2.data.scenes import COLORS, POSITIONS, SHAPES, SIZES, Scene, make_exam
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
 
 
+def _field(obj: Any, name: str) -> Any:
+    """An attribute of a `SceneObject` or a key of its dict (as in a split's captions.jsonl)."""
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+
+
+def _classes(obj: Any) -> list[int]:
+    """The object's (color, shape, size) classes: 1 + the value's index in `ATTRIBUTES` (0 means empty)."""
+    return [values.index(_field(obj, name)) + 1 for name, values in ATTRIBUTES.items()]
+
+
 def cell_labels(objects: Sequence[Any]) -> torch.Tensor:
     """(len(POSITIONS), 3) long: per named cell, the (color, shape, size) class of its object, 0 when empty.
 
     ``objects`` are `SceneObject`s or their dicts (as in a split's captions.jsonl)."""
     labels = torch.zeros(len(POSITIONS), len(ATTRIBUTES), dtype=torch.long)
     for obj in objects:
-        get = obj.get if isinstance(obj, dict) else lambda k, o=obj: getattr(o, k)
-        cell = POSITIONS.index(get("position"))
-        for a, (name, values) in enumerate(ATTRIBUTES.items()):
-            labels[cell, a] = values.index(get(name)) + 1
+        labels[POSITIONS.index(_field(obj, "position"))] = torch.tensor(_classes(obj))
     return labels
 
 
@@ -50,12 +57,10 @@ def token_labels(objects: Sequence[Any], grid: int, image_size: int) -> torch.Te
     are the scenes' position cells (corner tokens always empty)."""
     labels = torch.zeros(grid * grid, len(ATTRIBUTES), dtype=torch.long)
     for obj in objects:
-        get = obj.get if isinstance(obj, dict) else lambda k, o=obj: getattr(o, k)
-        x0, y0, x1, y1 = get("bbox")
+        x0, y0, x1, y1 = _field(obj, "bbox")
         col = min(int((x0 + x1) / 2 * grid / image_size), grid - 1)
         row = min(int((y0 + y1) / 2 * grid / image_size), grid - 1)
-        for a, (name, values) in enumerate(ATTRIBUTES.items()):
-            labels[row * grid + col, a] = values.index(get(name)) + 1
+        labels[row * grid + col] = torch.tensor(_classes(obj))
     return labels
 
 
